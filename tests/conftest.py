@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny local models built once per session (no hub access)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from trl_inference_ext.testing import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def inference(tiny_model_dir: str):
+    from trl_inference_ext import InferenceModule
+
+    return InferenceModule(tiny_model_dir, device="cpu", dtype="float32")

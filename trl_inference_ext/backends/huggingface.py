@@ -1,0 +1,293 @@
+"""Hugging Face transformers backend: own sampling loop, chunked exact scoring, PEFT reference toggling."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from ..scoring import DEFAULT_CHUNK_BYTES, logprobs_from_hidden, process_logits, selective_logprobs
+from ..types import SamplingConfig
+from . import adapters
+from .base import ScoringConfig, SequenceOutput
+from .hf_decoding import DecodeSpec, sample
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, Any] = {
+    "auto": "auto",
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+DEVICES = ("auto", "cuda", "cpu")
+# Config attributes that make logits differ from `lm_head(hidden)`; such models are scored from full logits.
+_LOGIT_TRANSFORM_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Maps `"auto"`, `"cuda"`, `"cpu"` (or a `torch.device`) to this process's device.
+
+    `"auto"` asks Accelerate, so under `accelerate launch` each process gets its own accelerator.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str) or device.split(":")[0] not in DEVICES:
+        raise ValueError(f"`device` must be one of {list(DEVICES)} (or 'cuda:N'), got {device!r}.")
+    if device == "auto":
+        from accelerate import PartialState
+
+        return PartialState().device
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("`device='cuda'` was requested but CUDA is not available; use 'auto' or 'cpu'.")
+        from accelerate import PartialState
+
+        return torch.device("cuda", PartialState().local_process_index % torch.cuda.device_count())
+    return torch.device(device)
+
+
+def _unwrap(model: Any) -> Any:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP / DeepSpeed engines
+        model = model.module
+    return model
+
+
+class HuggingFaceBackend:
+    """Runs a transformers causal LM (optionally PEFT-wrapped) for generation and scoring.
+
+    Args:
+        model (`torch.nn.Module`): A causal LM, possibly a `peft.PeftModel`. It is not moved or copied.
+        tokenizer: Its tokenizer.
+        model_name (`str`, *optional*): Name reported in result metadata.
+        chunk_bytes (`int`, *optional*): Memory budget for one chunk of float32 logits during scoring.
+    """
+
+    name = "huggingface"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        model_name: str | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        self.model: Any = _unwrap(model)
+        self.tokenizer = tokenizer
+        self.model_name: str = model_name or str(getattr(getattr(self.model, "config", None), "_name_or_path", "model"))
+        self.chunk_bytes = chunk_bytes
+        self._version = 0
+        self._fingerprint = self._weights_fingerprint()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name: str,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
+        **model_kwargs: Any,
+    ) -> HuggingFaceBackend:
+        """Loads a model and tokenizer from a local folder or hub name.
+
+        Args:
+            model_name (`str`): Model identifier or path.
+            device (`str`, *optional*, defaults to `"auto"`): `"auto"` (Accelerate's device for this process),
+                `"cuda"` or `"cpu"`.
+            dtype (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"float16"`, `"bfloat16"` or `"float32"`.
+            trust_remote_code (`bool`, *optional*, defaults to `False`): Passed to transformers.
+            gradient_checkpointing (`bool`, *optional*, defaults to `False`): Enables gradient checkpointing.
+            attn_implementation (`str`, *optional*): e.g. `"sdpa"`, `"eager"`, `"flash_attention_2"`.
+            **model_kwargs: Extra arguments for `AutoModelForCausalLM.from_pretrained`.
+        """
+        if dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
+        target = resolve_device(device)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+        if attn_implementation is not None:
+            model_kwargs["attn_implementation"] = attn_implementation
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            model_name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **model_kwargs
+        )
+        model.to(target)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return cls(model, tokenizer, model_name=model_name)
+
+    # ----------------------------------------------------------------------------------------------- state
+    def _weights_fingerprint(self) -> tuple[int, int]:
+        # Every in-place update (optimizer steps, `load_state_dict`, `copy_`) bumps a tensor's version counter.
+        params = list(self.model.parameters())
+        return len(params), sum(p._version for p in params)
+
+    @property
+    def weights_version(self) -> int:
+        """Bumped whenever the model's parameters change, detected from tensor version counters."""
+        fingerprint = self._weights_fingerprint()
+        if fingerprint != self._fingerprint:
+            self._fingerprint = fingerprint
+            self._version += 1
+        return self._version
+
+    def mark_weights_updated(self) -> None:
+        """Bumps the weights version explicitly (e.g. after an out-of-place weight swap)."""
+        self._version += 1
+
+    @property
+    def state_key(self) -> tuple[Any, ...]:
+        """Weights version plus which adapters are active: what a cached generation depends on."""
+        return (self.weights_version, adapters.adapter_state(self.model))
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the input embeddings, where inputs are placed."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output embedding (may exceed the tokenizer's length when padded)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def max_context_length(self) -> int | None:
+        """The model's `max_position_embeddings`, when it declares one."""
+        config = getattr(self.model, "config", None)
+        value = getattr(config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else None
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """EOS ids from the tokenizer and the generation config."""
+        ids: set[int] = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(i) for i in source)
+        return frozenset(ids)
+
+    @contextmanager
+    def reference_context(self, adapter_name: str | None = None) -> Iterator[None]:
+        """Runs the block with adapters disabled (or `adapter_name` active), without a second model copy."""
+        with adapters.reference_adapters(self.model, adapter_name):
+            yield
+
+    # ------------------------------------------------------------------------------------------ generation
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[SequenceOutput]:
+        """Samples completions with the KV-cache-sharing loop in `hf_decoding`."""
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = next(iter(self.eos_token_ids), 0)
+        spec = DecodeSpec(
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=pad,
+            device=self.device,
+            max_context_length=self.max_context_length,
+            stop_checker=self._stop_checker(sampling.stop),
+        )
+        # Gradient checkpointing turns the KV cache off in training mode; rollouts run in eval mode, then restore.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return sample(self.model, prompt_ids, sampling, spec)
+        finally:
+            self.model.train(was_training)
+
+    def _stop_checker(self, stops: tuple[str, ...]) -> Any:
+        if not stops:
+            return None
+        window = max(len(s) for s in stops) + 2  # every token decodes to at least one character
+
+        def hit(ids: list[int]) -> bool:
+            tail = self.tokenizer.decode(ids[-window:], skip_special_tokens=False)
+            return any(s in tail for s in stops)
+
+        return hit
+
+    # ---------------------------------------------------------------------------------------------- scoring
+    def _pack(
+        self, prompt_ids: list[list[int]], response_ids: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-pads prompt + response; returns ids, attention mask, predicting positions, targets, target mask."""
+        lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+        width, resp_width = max(lengths), max(len(r) for r in response_ids)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(lengths), width), dtype=torch.long)
+        targets = torch.zeros((len(lengths), resp_width), dtype=torch.long)
+        target_mask = torch.zeros((len(lengths), resp_width), dtype=torch.bool)
+        positions = torch.zeros((len(lengths), resp_width), dtype=torch.long)
+        for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+            input_ids[i, : lengths[i]] = torch.tensor(p + r, dtype=torch.long)
+            attention[i, : lengths[i]] = 1
+            targets[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            target_mask[i, : len(r)] = True
+            positions[i] = torch.arange(resp_width) + len(p) - 1
+            positions[i, len(r) :] = 0
+        device = self.device
+        return (
+            input_ids.to(device),
+            attention.to(device),
+            positions.to(device),
+            targets.to(device),
+            target_mask.to(device),
+        )
+
+    def _hidden_path(self) -> tuple[Any, Any] | None:
+        """(decoder, lm_head) when logits are exactly `lm_head(decoder(...))`, else `None`."""
+        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        config = getattr(causal_lm, "config", None)
+        if any(getattr(config, attr, None) not in (None, 1, 1.0) for attr in _LOGIT_TRANSFORM_ATTRS):
+            return None
+        decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
+        head = causal_lm.get_output_embeddings()
+        if decoder is None or head is None or decoder is causal_lm:
+            return None
+        return decoder, head
+
+    def score_logprobs(
+        self, prompt_ids: list[list[int]], response_ids: list[list[int]], scoring: ScoringConfig
+    ) -> torch.Tensor:
+        """`[B, T]` log-probs of response tokens; gradients flow when called with grad enabled."""
+        input_ids, attention, positions, targets, target_mask = self._pack(prompt_ids, response_ids)
+        path = self._hidden_path()
+        if path is not None:
+            decoder, head = path
+            hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            out = logprobs_from_hidden(
+                picked,
+                head,
+                targets,
+                scoring.temperature,
+                scoring.top_k,
+                scoring.top_p,
+                chunk_bytes=self.chunk_bytes,
+                vocab_size=head.weight.shape[0] if hasattr(head, "weight") else None,
+            )
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention).logits
+            picked = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            out = selective_logprobs(
+                picked, targets, scoring.temperature, scoring.top_k, scoring.top_p, chunk_bytes=self.chunk_bytes
+            )
+        return out.masked_fill(~target_mask, 0.0)
+
+    def score_logits(
+        self, prompt_ids: list[list[int]], response_ids: list[list[int]], scoring: ScoringConfig
+    ) -> torch.Tensor:
+        """`[B, T, V]` float32 processed logits predicting each response token (zeros at padding)."""
+        input_ids, attention, positions, _, target_mask = self._pack(prompt_ids, response_ids)
+        logits = self.model(input_ids=input_ids, attention_mask=attention).logits
+        picked = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        processed = process_logits(picked, scoring.temperature, scoring.top_k, scoring.top_p)
+        return processed.masked_fill(~target_mask.unsqueeze(-1), 0.0)

@@ -1,0 +1,449 @@
+"""`InferenceModule`: one object to generate rollouts, score them and parse tool calls, on any backend."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from .backends import BACKEND_NAMES, Backend, ScoringConfig, create_backend
+from .cache import GenerationCache
+from .tokenization import CompletionDecoder, as_batch, encode_prompt, encode_response
+from .tools.parsers import PARSER_NAMES, get_parser
+from .types import GenerationResult, SamplingConfig, ToolCall
+
+logger = logging.getLogger(__name__)
+
+_HF_ONLY_KWARGS = ("device", "gradient_checkpointing", "attn_implementation")
+_VLLM_ONLY_KWARGS = ("tensor_parallel_size", "gpu_memory_utilization", "base_url", "api_key")
+
+
+class InferenceModule:
+    """Generation, scoring and tool-call parsing for RL training, on Hugging Face transformers or vLLM.
+
+    Args:
+        model_name (`str`): Model identifier or local folder.
+        backend (`str`, *optional*, defaults to `"huggingface"`): `"huggingface"` or `"vllm"`.
+        cache_size (`int`, *optional*, defaults to 1000): Number of generations to cache (0 disables). Only greedy
+            or seeded requests are served from the cache.
+        tool_parser (`str`, *optional*, defaults to `"json"`): Tool-call format, see `tools.parsers.PARSER_NAMES`.
+        **backend_kwargs: Backend options. Hugging Face: `device` (`"auto"`, `"cuda"`, `"cpu"`), `dtype`
+            (`"auto"`, `"float16"`, `"bfloat16"`, `"float32"`), `trust_remote_code`, `gradient_checkpointing`,
+            `attn_implementation`. vLLM: `tensor_parallel_size`, `dtype`, `gpu_memory_utilization`, `base_url`, ...
+
+    Example:
+        ```python
+        inference = InferenceModule("HuggingFaceTB/SmolLM2-135M-Instruct", device="cpu")
+        result = inference.generate(["What is 2+2?"], max_new_tokens=32, return_logprobs=True)
+        logprobs = inference.get_logprobs(["What is 2+2?"], result.token_ids)
+        ```
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        backend: str = "huggingface",
+        cache_size: int = 1000,
+        tool_parser: str = "json",
+        **backend_kwargs: Any,
+    ) -> None:
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"`backend` must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
+        self._check_common(cache_size, tool_parser)
+        self._setup(create_backend(backend, model_name, **backend_kwargs), model_name, cache_size, tool_parser)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        cache_size: int = 1000,
+        tool_parser: str = "json",
+        model_name: str | None = None,
+    ) -> InferenceModule:
+        """Wraps an already-loaded model and tokenizer (e.g. the model a TRL trainer owns) without copying it.
+
+        Args:
+            model (`torch.nn.Module`): A causal LM, possibly PEFT-wrapped or wrapped by DDP/DeepSpeed.
+            tokenizer: Its tokenizer.
+            cache_size (`int`, *optional*, defaults to 1000): As in the constructor.
+            tool_parser (`str`, *optional*, defaults to `"json"`): As in the constructor.
+            model_name (`str`, *optional*): Name reported in result metadata.
+        """
+        from .backends.huggingface import HuggingFaceBackend
+
+        cls._check_common(cache_size, tool_parser)
+        backend = HuggingFaceBackend(model, tokenizer, model_name=model_name)
+        module = cls.__new__(cls)
+        module._setup(backend, backend.model_name, cache_size, tool_parser)
+        return module
+
+    @classmethod
+    def from_backend(
+        cls, backend: Backend, *, cache_size: int = 1000, tool_parser: str = "json", model_name: str | None = None
+    ) -> InferenceModule:
+        """Wraps an existing backend object (any implementation of `backends.Backend`)."""
+        cls._check_common(cache_size, tool_parser)
+        module = cls.__new__(cls)
+        module._setup(backend, model_name or str(getattr(backend, "model_name", backend.name)), cache_size, tool_parser)
+        return module
+
+    @staticmethod
+    def _check_common(cache_size: int, tool_parser: str) -> None:
+        GenerationCache(cache_size)  # validates
+        if tool_parser not in PARSER_NAMES:
+            raise ValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {tool_parser!r}.")
+
+    def _setup(self, backend: Backend, model_name: str, cache_size: int, tool_parser: str) -> None:
+        self.backend = backend
+        self.model_name = model_name
+        self.cache = GenerationCache(cache_size)
+        self._cache_state: Any = None
+        self._decode = CompletionDecoder(backend.tokenizer)
+        self.tool_parser_type = tool_parser
+
+    # ------------------------------------------------------------------------------------------ properties
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer shared by prompts, responses and decoding."""
+        return self.backend.tokenizer
+
+    @property
+    def tool_parser_type(self) -> str:
+        """Name of the tool-call format used by `parse_tool_calls`; assign to switch (e.g. `"xml"`)."""
+        return self._tool_parser_type
+
+    @tool_parser_type.setter
+    def tool_parser_type(self, value: str) -> None:
+        if value not in PARSER_NAMES:
+            raise ValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {value!r}.")
+        self._tool_parser_type = value
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the model accepts (at least the tokenizer's length)."""
+        return max(len(self.tokenizer), int(getattr(self.backend, "vocab_size", 0) or 0))
+
+    @property
+    def weights_version(self) -> int:
+        """The backend's weights version; it changes whenever the weights do."""
+        return self.backend.weights_version
+
+    # ------------------------------------------------------------------------------------------ generation
+    def generate(self, prompts: Any, use_cache: bool = True, **kwargs: Any) -> GenerationResult:
+        """Generates completions.
+
+        Args:
+            prompts (`str`, `list[int]`, chat messages, or a list of these): The prompts. Strings are tokenised with
+                special tokens; chat message lists go through the chat template with a generation prompt.
+            use_cache (`bool`, *optional*, defaults to `True`): Serve greedy or seeded requests from the cache.
+            max_new_tokens (`int`, *optional*, defaults to 256): Token budget per completion.
+            temperature (`float`, *optional*, defaults to 1.0): Sampling temperature (0 means greedy).
+            top_p (`float`, *optional*, defaults to 1.0): Nucleus sampling, in (0, 1].
+            top_k (`int`, *optional*, defaults to -1): Top-k sampling, -1 disables.
+            do_sample (`bool`, *optional*, defaults to `True`): `False` means greedy decoding.
+            num_return_sequences (`int`, *optional*, defaults to 1): Completions per prompt, grouped prompt-major.
+            return_logits (`bool`, *optional*, defaults to `False`): Return per-step processed logits.
+            return_logprobs (`bool`, *optional*, defaults to `False`): Return sampled-token log-probs.
+            stop (`str` or `list[str]`, *optional*): Stop strings (kept in the output, like the token ids).
+            seed (`int`, *optional*): Makes sampling reproducible (and cacheable).
+            **kwargs: The generation arguments above, validated by `SamplingConfig`.
+
+        Returns:
+            `GenerationResult`: texts, token ids, optional log-probs/logits, and metadata.
+        """
+        sampling = SamplingConfig.from_kwargs(**kwargs)
+        prompt_ids = self._encode_prompts(as_batch(prompts, "prompts"))
+        return self._generate_ids(prompt_ids, sampling, use_cache=use_cache)
+
+    def _encode_prompts(self, batch: list[Any], tools: list[dict[str, Any]] | None = None) -> list[list[int]]:
+        vocab = self.vocab_size
+        ids = [
+            encode_prompt(self.tokenizer, p, f"prompts[{i}]", vocab_size=vocab, tools=tools)
+            for i, p in enumerate(batch)
+        ]
+        limit = self.backend.max_context_length
+        for i, p in enumerate(ids):
+            if not p:
+                raise ValueError(f"`prompts[{i}]` is empty after tokenisation; a prompt needs at least one token.")
+            if limit is not None and len(p) >= limit:
+                raise ValueError(
+                    f"`prompts[{i}]` has {len(p)} tokens, which does not leave room to generate within the model's "
+                    f"context length of {limit}."
+                )
+        return ids
+
+    def _generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingConfig, use_cache: bool) -> GenerationResult:
+        state = getattr(self.backend, "state_key", None) or (self.backend.weights_version,)
+        if state != self._cache_state:  # stale entries can never be served; free them
+            self.cache.clear()
+            self._cache_state = state
+        key = (state, tuple(tuple(p) for p in prompt_ids), sampling)
+        if use_cache and sampling.cacheable:
+            hit = self.cache.get(key)
+            if hit is not None:
+                assert hit.metadata is not None
+                hit.metadata["cached"] = True
+                return hit
+        outputs = self.backend.generate(prompt_ids, sampling)
+        n = sampling.num_return_sequences
+        result = GenerationResult(
+            texts=[self._decode(o.token_ids) for o in outputs],
+            token_ids=[list(o.token_ids) for o in outputs],
+            logprobs=[o.logprobs for o in outputs] if sampling.return_logprobs else None,  # type: ignore[misc]
+            logits=[o.logits for o in outputs] if sampling.return_logits else None,  # type: ignore[misc]
+            metadata={
+                "finish_reasons": [o.finish_reason for o in outputs],
+                "prompt_token_ids": [list(p) for p in prompt_ids],
+                "prompt_lengths": [len(p) for p in prompt_ids],
+                "num_return_sequences": n,
+                "temperature": sampling.effective_temperature,
+                "top_k": sampling.effective_top_k,
+                "top_p": sampling.effective_top_p,
+                "do_sample": not sampling.greedy,
+                "seed": sampling.seed,
+                "model": self.model_name,
+                "backend": self.backend.name,
+                "weights_version": state[0],
+                "cached": False,
+            },
+        )
+        if use_cache and sampling.cacheable:
+            self.cache.put(key, result)
+        return result
+
+    # --------------------------------------------------------------------------------------------- scoring
+    def _encode_pairs(self, prompts: Any, responses: Any) -> tuple[list[list[int]], list[list[int]]]:
+        prompt_batch = as_batch(prompts, "prompts")
+        response_batch = as_batch(responses, "responses")
+        if len(prompt_batch) != len(response_batch):
+            raise ValueError(
+                f"`prompts` and `responses` must have the same length, got {len(prompt_batch)} and "
+                f"{len(response_batch)}."
+            )
+        prompt_ids = self._encode_prompts(prompt_batch)
+        response_ids = [
+            encode_response(self.tokenizer, r, f"responses[{i}]", vocab_size=self.vocab_size)
+            for i, r in enumerate(response_batch)
+        ]
+        limit = self.backend.max_context_length
+        for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+            if limit is not None and len(p) + len(r) > limit:
+                raise ValueError(
+                    f"`prompts[{i}]` + `responses[{i}]` have {len(p) + len(r)} tokens, more than the model's context "
+                    f"length of {limit}."
+                )
+        return prompt_ids, response_ids
+
+    @staticmethod
+    def _scoring(temperature: float, top_k: int, top_p: float) -> ScoringConfig:
+        SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)  # same validation as generation
+        if temperature == 0:
+            raise ValueError("`temperature` must be > 0 for scoring (greedy outputs are scored at temperature 1.0).")
+        return ScoringConfig(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
+
+    def get_logprobs(
+        self,
+        prompts: Any,
+        responses: Any,
+        *,
+        temperature: float = 1.0,
+        top_k: int = -1,
+        top_p: float = 1.0,
+        return_mask: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities of each response token given its prompt (for policy gradients).
+
+        Computed in chunks over positions, never as a full `[B, T, V]` log-softmax. Gradients flow to the model when
+        called with grad enabled; wrap in `torch.no_grad()` for pure scoring.
+
+        Args:
+            prompts (`str`, `list[int]`, chat messages, or a list of these): The prompts.
+            responses (`str`, `list[int]`, or a list of these): The responses; pass token ids (e.g.
+                `result.token_ids`) to score exactly the sampled tokens.
+            temperature (`float`, *optional*, defaults to 1.0): Scale logits as during sampling.
+            top_k (`int`, *optional*, defaults to -1): Apply the sampling's top-k truncation (-1 disables).
+            top_p (`float`, *optional*, defaults to 1.0): Apply the sampling's top-p truncation.
+            return_mask (`bool`, *optional*, defaults to `False`): Also return the `[B, T]` bool mask of real tokens.
+
+        Returns:
+            `torch.Tensor`: `[B, T]` float32 log-probs, right-padded with 0 (and the mask when `return_mask`).
+        """
+        scoring = self._scoring(temperature, top_k, top_p)
+        prompt_ids, response_ids = self._encode_pairs(prompts, responses)
+        logprobs = self.backend.score_logprobs(prompt_ids, response_ids, scoring)
+        if return_mask:
+            return logprobs, response_mask(response_ids, logprobs.device)
+        return logprobs
+
+    def get_logits(
+        self, prompts: Any, responses: Any, *, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0
+    ) -> torch.Tensor:
+        """Processed logits predicting each response token (for KL divergence against a reference).
+
+        `log_softmax(get_logits(...))` gathered at the response tokens equals `get_logprobs(...)`. This builds the
+        full `[B, T, V]` tensor: prefer `get_logprobs` when one value per token is enough.
+
+        Returns:
+            `torch.Tensor`: `[B, T, V]` float32 logits, zeros at padded positions (see `get_logprobs(return_mask=)`).
+        """
+        scoring = self._scoring(temperature, top_k, top_p)
+        prompt_ids, response_ids = self._encode_pairs(prompts, responses)
+        return self.backend.score_logits(prompt_ids, response_ids, scoring)
+
+    def reference(self, adapter_name: str | None = None) -> ReferenceScorer:
+        """The reference policy of a PEFT model: the same weights with adapters disabled, or `adapter_name` active.
+
+        No second copy of the model is loaded. Scores from the reference never carry gradients.
+
+        Args:
+            adapter_name (`str`, *optional*): A frozen adapter to use as the reference instead of no adapter.
+
+        Raises:
+            ValueError: If the model has no PEFT adapters, or the backend cannot toggle them.
+        """
+        if not hasattr(self.backend, "reference_context"):
+            raise ValueError(f"The {self.backend.name!r} backend cannot toggle adapters; use the huggingface backend.")
+        from .backends.adapters import adapter_names, is_peft_model
+
+        model = getattr(self.backend, "model", None)
+        if not is_peft_model(model):
+            raise ValueError(
+                "`reference()` needs a PEFT model: without adapters the reference would be the policy itself. Wrap "
+                "the model with a LoRA adapter, or score with a separate frozen `InferenceModule`."
+            )
+        if adapter_name is not None and adapter_name not in adapter_names(model):
+            raise ValueError(f"`adapter_name` must be one of {adapter_names(model)}, got {adapter_name!r}.")
+        return ReferenceScorer(self, adapter_name)
+
+    # ------------------------------------------------------------------------------------------------ tools
+    def parse_tool_calls(self, text: str, include_invalid: bool = False) -> list[ToolCall]:
+        """Parses tool calls from generated text with the current `tool_parser_type`.
+
+        Never raises on model output. Malformed calls are skipped unless `include_invalid=True`, in which case they
+        come back with `status != "ok"` and an `error`.
+
+        Args:
+            text (`str`): Generated text.
+            include_invalid (`bool`, *optional*, defaults to `False`): Also return malformed calls.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"`text` must be a string, got {type(text).__name__}.")
+        parser = get_parser(self.tool_parser_type, chat_template=getattr(self.tokenizer, "chat_template", None))
+        calls = parser.parse(text)
+        return calls if include_invalid else [c for c in calls if c.ok]
+
+    def batch_generate_with_tools(
+        self,
+        prompts: Any,
+        available_tools: Sequence[Any] | None = None,
+        max_new_tokens: int = 512,
+        **kwargs: Any,
+    ) -> tuple[GenerationResult, list[list[ToolCall]]]:
+        """Generates with tool descriptions in the prompt and parses the calls in each completion.
+
+        Tools may be the original documentation's dicts (`{"name", "description", "parameters": {"query":
+        "string"}}`), OpenAI/JSON-schema function dicts, or Python callables with type hints and Google docstrings.
+        When the chat template renders tools (`tools=`), it is used; otherwise a preamble describes the tools and
+        the exact call format of the selected parser.
+
+        Returns:
+            `tuple[GenerationResult, list[list[ToolCall]]]`: The result and, for each sequence, its well-formed
+            calls. Malformed calls are listed in `result.metadata["invalid_tool_calls"]`.
+        """
+        from .tools.prompting import build_tool_prompt
+        from .tools.schema import normalize_tools
+
+        use_cache = bool(kwargs.pop("use_cache", True))
+        schemas = normalize_tools(available_tools)
+        sampling = SamplingConfig.from_kwargs(max_new_tokens=max_new_tokens, **kwargs)
+        batch = as_batch(prompts, "prompts")
+        texts = [build_tool_prompt(self.tokenizer, p, schemas, self.tool_parser_type) for p in batch]
+        prompt_ids = self._encode_prompts(texts)
+        result = self._generate_ids(prompt_ids, sampling, use_cache=use_cache)
+        parser = get_parser(
+            self.tool_parser_type, chat_template=getattr(self.tokenizer, "chat_template", None), tool_schemas=schemas
+        )
+        all_calls = [parser.parse(text) for text in result.texts]
+        assert result.metadata is not None
+        result.metadata["invalid_tool_calls"] = [[c for c in calls if not c.ok] for calls in all_calls]
+        return result, [[c for c in calls if c.ok] for calls in all_calls]
+
+    # -------------------------------------------------------------------------------------------- housekeeping
+    def clear_cache(self) -> None:
+        """Clears the generation cache."""
+        self.cache.clear()
+
+    def mark_weights_updated(self) -> None:
+        """Declares that the weights changed; cached generations are invalidated."""
+        self.backend.mark_weights_updated()
+        self.cache.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model={self.model_name!r}, backend={self.backend.name!r}, "
+            f"cache_size={self.cache.max_size}, tool_parser={self.tool_parser_type!r})"
+        )
+
+
+def response_mask(response_ids: list[list[int]], device: torch.device | None = None) -> torch.Tensor:
+    """`[B, T]` bool mask of real (non-padding) response positions."""
+    width = max((len(r) for r in response_ids), default=0)
+    lengths = torch.tensor([len(r) for r in response_ids])
+    return (torch.arange(width)[None, :] < lengths[:, None]).to(device)
+
+
+class ReferenceScorer:
+    """Scores with the reference policy (adapters off or a frozen adapter), sharing the policy's weights.
+
+    Created by `InferenceModule.reference()`; has the same `get_logprobs` / `get_logits`.
+    """
+
+    def __init__(self, module: InferenceModule, adapter_name: str | None) -> None:
+        self.module = module
+        self.adapter_name = adapter_name
+
+    @contextmanager
+    def _active(self) -> Iterator[None]:
+        with torch.no_grad(), self.module.backend.reference_context(self.adapter_name):  # type: ignore[attr-defined]
+            yield
+
+    def get_logprobs(self, prompts: Any, responses: Any, **kwargs: Any) -> torch.Tensor | tuple[Any, Any]:
+        """`InferenceModule.get_logprobs` under the reference policy."""
+        with self._active():
+            return self.module.get_logprobs(prompts, responses, **kwargs)
+
+    def get_logits(self, prompts: Any, responses: Any, **kwargs: Any) -> torch.Tensor:
+        """`InferenceModule.get_logits` under the reference policy."""
+        with self._active():
+            return self.module.get_logits(prompts, responses, **kwargs)
+
+
+def create_inference_module(model_name: str, backend: str = "auto", **kwargs: Any) -> InferenceModule:
+    """Creates an `InferenceModule`, choosing the backend when `backend="auto"`.
+
+    `"auto"` picks vLLM when it is installed and usable (a GPU is present, or the vLLM CPU build is installed),
+    else Hugging Face; the choice is logged. Options that only apply to the backend not chosen are dropped with a
+    log message.
+
+    Args:
+        model_name (`str`): Model identifier or local folder.
+        backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"huggingface"` or `"vllm"`.
+        **kwargs: `InferenceModule` arguments (`cache_size`, `tool_parser`) and backend options.
+    """
+    if backend == "auto":
+        from .backends.vllm import is_vllm_usable
+
+        backend = "vllm" if is_vllm_usable() else "huggingface"
+        drop = _HF_ONLY_KWARGS if backend == "vllm" else _VLLM_ONLY_KWARGS
+        ignored = sorted(k for k in kwargs if k in drop)
+        for k in ignored:
+            kwargs.pop(k)
+        logger.info(
+            "create_inference_module: backend='auto' chose %r%s", backend, f"; ignored {ignored}" * bool(ignored)
+        )
+    return InferenceModule(model_name, backend=backend, **kwargs)

@@ -1,0 +1,127 @@
+"""Tiny, fully local models for tests, examples and benchmarks (no hub access).
+
+`build_tiny_model(path)` trains a byte-level BPE tokenizer on generated text, attaches TRL's Qwen2.5 chat template
+(which renders tools and uses `<tool_call>` tags) and saves a seeded random-weight Llama-architecture causal LM. The
+head size is 32 so the same folder also loads in vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import random
+from pathlib import Path
+from typing import Any
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+]
+
+_WORDS = (
+    "the a an of to and in is it what how many plus minus times add compute calculator answer question tool call "
+    "name arguments query search result number sum value expression true false null json function parameters "
+    "please use tell me about weather city today one two three four five six seven eight nine ten"
+).split()
+
+
+def _corpus(seed: int, lines: int = 400) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        words = rng.choices(_WORDS, k=rng.randint(4, 16))
+        numbers = [str(rng.randint(0, 999)) for _ in range(rng.randint(0, 3))]
+        out.append(" ".join(words + numbers))
+    out.append('{"name": "calculator", "arguments": {"expression": "1 + 2"}} <tool_call> </tool_call> [](){}:;,."\'=')
+    out.append("system user assistant tool You are a helpful assistant. # Tools <tools></tools> function signatures")
+    return out
+
+
+def qwen2_5_chat_template() -> str:
+    """Returns TRL's Qwen2.5 chat template (renders `tools=` and uses `<tool_call>` tags)."""
+    return importlib.resources.files("trl").joinpath("chat_templates/qwen2_5.jinja").read_text()
+
+
+def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 512) -> Any:
+    """Trains a byte-level BPE tokenizer and wraps it as a `PreTrainedTokenizerFast` with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    fast.chat_template = qwen2_5_chat_template()
+    return fast
+
+
+def build_tiny_model(
+    path: str | Path,
+    *,
+    vocab_size: int = 512,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    max_position_embeddings: int = 512,
+) -> Path:
+    """Builds and saves a tiny Llama-architecture causal LM with its tokenizer.
+
+    Args:
+        path (`str` or `Path`): Folder to save into (created if missing).
+        vocab_size (`int`, *optional*, defaults to 512): Tokenizer (and model) vocabulary size.
+        seed (`int`, *optional*, defaults to 0): Seed for the tokenizer corpus and the weights.
+        hidden_size (`int`, *optional*, defaults to 64): Model width; head size is `hidden_size // num_heads`.
+        num_layers (`int`, *optional*, defaults to 2): Number of decoder layers.
+        num_heads (`int`, *optional*, defaults to 2): Number of attention heads.
+        max_position_embeddings (`int`, *optional*, defaults to 512): Context length.
+
+    Returns:
+        `Path`: The folder, loadable with `from_pretrained` (and by vLLM when the head size is >= 32).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(seed, vocab_size=vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger logits than the default init, so sampling is far from uniform
+        model.lm_head.weight.mul_(8.0)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

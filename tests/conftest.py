@@ -9,6 +9,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -24,3 +25,14 @@ def inference(tiny_model_dir: str):
     from trl_inference_ext import InferenceModule
 
     return InferenceModule(tiny_model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny model fitted to call `add` with Hermes-style `<tool_call>` tags, then answer from the result."""
+    from tool_fixtures import add, tool_conversation
+
+    from trl_inference_ext.testing import build_tiny_model, fit_conversations
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("tool") / "model", seed=1)
+    return str(fit_conversations(folder, [tool_conversation(2, 3)], tools=[add], steps=120))

@@ -40,6 +40,12 @@ def _corpus(seed: int, lines: int = 400) -> list[str]:
         out.append(" ".join(words + numbers))
     out.append('{"name": "calculator", "arguments": {"expression": "1 + 2"}} <tool_call> </tool_call> [](){}:;,."\'=')
     out.append("system user assistant tool You are a helpful assistant. # Tools <tools></tools> function signatures")
+    out += qwen2_5_chat_template().splitlines() * 4  # so the chat template's own text tokenises compactly
+    out += [
+        '{"type": "function", "function": {"name": "add", "description": "Adds two integers.", "parameters": '
+        '{"type": "object", "properties": {"a": {"type": "integer", "description": "First number."}}, '
+        '"required": ["a", "b"]}}}'
+    ] * 4
     return out
 
 
@@ -48,7 +54,7 @@ def qwen2_5_chat_template() -> str:
     return importlib.resources.files("trl").joinpath("chat_templates/qwen2_5.jinja").read_text()
 
 
-def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 512) -> Any:
+def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 1024) -> Any:
     """Trains a byte-level BPE tokenizer and wraps it as a `PreTrainedTokenizerFast` with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -67,7 +73,7 @@ def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 512) -> Any:
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[3:],
+        additional_special_tokens=SPECIAL_TOKENS[1:],
     )
     fast.chat_template = qwen2_5_chat_template()
     return fast
@@ -76,23 +82,23 @@ def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 512) -> Any:
 def build_tiny_model(
     path: str | Path,
     *,
-    vocab_size: int = 512,
+    vocab_size: int = 1024,
     seed: int = 0,
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 2,
-    max_position_embeddings: int = 512,
+    max_position_embeddings: int = 1024,
 ) -> Path:
     """Builds and saves a tiny Llama-architecture causal LM with its tokenizer.
 
     Args:
         path (`str` or `Path`): Folder to save into (created if missing).
-        vocab_size (`int`, *optional*, defaults to 512): Tokenizer (and model) vocabulary size.
+        vocab_size (`int`, *optional*, defaults to 1024): Tokenizer (and model) vocabulary size.
         seed (`int`, *optional*, defaults to 0): Seed for the tokenizer corpus and the weights.
         hidden_size (`int`, *optional*, defaults to 64): Model width; head size is `hidden_size // num_heads`.
         num_layers (`int`, *optional*, defaults to 2): Number of decoder layers.
         num_heads (`int`, *optional*, defaults to 2): Number of attention heads.
-        max_position_embeddings (`int`, *optional*, defaults to 512): Context length.
+        max_position_embeddings (`int`, *optional*, defaults to 1024): Context length.
 
     Returns:
         `Path`: The folder, loadable with `from_pretrained` (and by vLLM when the head size is >= 32).
@@ -125,3 +131,61 @@ def build_tiny_model(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def fit_conversations(
+    model_dir: str | Path,
+    conversations: list[list[dict[str, Any]]],
+    *,
+    tools: list[Any] | None = None,
+    steps: int = 200,
+    learning_rate: float = 1e-2,
+    seed: int = 0,
+) -> Path:
+    """Teaches a (tiny) model to reproduce chat conversations verbatim, then saves it in place.
+
+    Used to get a real model that emits tool calls without any hub access: after fitting, greedy decoding from the
+    first user turn reproduces the assistant turns, tool calls included.
+
+    Args:
+        model_dir (`str` or `Path`): A folder saved by `build_tiny_model` (overwritten).
+        conversations (`list[list[dict]]`): Chat conversations rendered with the folder's chat template.
+        tools (`list`, *optional*): Tools passed to the chat template, as the prompts at inference will be.
+        steps (`int`, *optional*, defaults to 200): Optimizer steps.
+        learning_rate (`float`, *optional*, defaults to 1e-2): Adam learning rate.
+        seed (`int`, *optional*, defaults to 0): Seed.
+
+    Returns:
+        `Path`: `model_dir`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .tools.schema import normalize_tools
+
+    model_dir = Path(model_dir)
+    tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    schemas = normalize_tools(tools) or None
+    rows = [
+        tokenizer.apply_chat_template(c, tools=schemas, tokenize=True, return_dict=True)["input_ids"]
+        for c in conversations
+    ]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        labels[i, : len(r)] = torch.tensor(r)
+    attention = (labels != -100).long()
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(model_dir)
+    return model_dir

@@ -90,7 +90,16 @@ def encode_response(tokenizer: Any, response: Any, argname: str, *, vocab_size: 
 
 
 TOOL_MARKERS = frozenset(
-    {"<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "<think>", "</think>", "<tool_response>"}
+    {
+        "<tool_call>",
+        "</tool_call>",
+        "<|python_tag|>",
+        "[TOOL_CALLS]",
+        "<think>",
+        "</think>",
+        "<tool_response>",
+        "</tool_response>",
+    }
 )
 """Tokens that some tokenizers mark special but that carry tool-call or reasoning structure: kept when decoding."""
 

@@ -1,0 +1,210 @@
+"""Tool-call parsing benchmark: throughput of every parser on realistic and on adversarial text.
+
+- realistic: model-like outputs of a few KB (prose, markdown, an occasional code block or `<think>` section) holding
+  0-3 calls in the parser's own format; MB/s over all samples, best of a few repeats.
+- adversarial: 1 MB inputs built to make naive parsers quadratic or recursive (`{{{{...`, endless `<tool_call>`
+  openings, `[[[[...]]]]`, `f(f(f(...`, huge strings, floods of small objects...); the slowest input per parser is
+  reported, and the full matrix below the summary.
+
+    python benchmarks/parsing.py            # 2000 realistic samples per parser, 3 repeats
+    python benchmarks/parsing.py --quick    # 300 samples, 1 repeat: well under a minute
+
+The tables are printed and appended to `benchmarks/RESULTS.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._results import append_results  # noqa: E402
+from trl_inference_ext.tools.parsers import PARSER_NAMES, get_parser  # noqa: E402
+
+MB = 1 << 20
+TARGET_MB_S = 20.0
+
+_WORDS = (
+    "the model should first check whether the user's request needs a tool call or can be answered directly "
+    "results may vary depending on the query (for example, a search with filters) and it's worth noting that "
+    "values like 3.14, -7 and 1e5 appear in prose too; see [the docs](https://example.com/docs) for details"
+).split()
+
+_TOOL_NAMES = ("search", "get_weather", "run_python", "read_file", "calendar.create_event")
+
+
+def _prose(rng: random.Random, words: int) -> str:
+    sentences = []
+    while words > 0:
+        count = min(words, rng.randint(8, 20))
+        words -= count
+        sentence = " ".join(rng.choice(_WORDS) for _ in range(count))
+        sentences.append(sentence[0].upper() + sentence[1:] + rng.choice((".", ".", "!", "?", ":")))
+    text = " ".join(sentences)
+    if rng.random() < 0.3:
+        text += "\n\n- first point (see above)\n- second point: `x = f(y)`\n"
+    if rng.random() < 0.15:
+        text += '\n```python\nconfig = {"retries": 3, "mode": "fast"}\nprint(config["mode"])\n```\n'
+    return text
+
+
+def _arguments(rng: random.Random) -> dict[str, Any]:
+    pool: list[tuple[str, Any]] = [
+        ("query", rng.choice(("Python tutorials", 'say "hi"', "naïve café ☕", "path\\to\\file"))),
+        ("max_results", rng.randint(1, 50)),
+        ("temperature", round(rng.uniform(-5, 40), 2)),
+        ("verbose", rng.random() < 0.5),
+        ("cursor", None),
+        ("tags", ["a", "b", rng.randint(0, 9)]),
+        ("filters", {"lang": "en", "years": [2020, 2024], "strict": False}),
+    ]
+    return dict(rng.sample(pool, rng.randint(0, len(pool))))
+
+
+def _xml_value(value: Any) -> str:
+    raw = value if isinstance(value, str) else json.dumps(value)
+    return raw.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _render(fmt: str, calls: list[tuple[str, dict[str, Any]]], rng: random.Random) -> str:
+    if fmt in ("hermes", "auto"):
+        return "\n".join(
+            f"<tool_call>\n{json.dumps({'name': n, 'arguments': a}, ensure_ascii=False)}\n</tool_call>"
+            for n, a in calls
+        )
+    if fmt == "json":
+        body = "\n".join(json.dumps({"tool": n, "arguments": a}, ensure_ascii=False) for n, a in calls)
+        return f"```json\n{body}\n```" if rng.random() < 0.5 else body
+    if fmt == "llama3_json":
+        return "<|python_tag|>" + "; ".join(json.dumps({"name": n, "parameters": a}) for n, a in calls)
+    if fmt == "mistral":
+        return "[TOOL_CALLS]" + json.dumps([{"name": n, "arguments": a} for n, a in calls])
+    if fmt == "qwen3_xml":
+        blocks = []
+        for name, arguments in calls:
+            params = "".join(
+                f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}\n</parameter>\n"
+                for k, v in arguments.items()
+            )
+            blocks.append(f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>")
+        return "\n".join(blocks)
+    if fmt == "xml":
+        invokes = "".join(
+            f'<invoke name="{n}">'
+            + "".join(f'<parameter name="{k}">{_xml_value(v)}</parameter>' for k, v in a.items())
+            + "</invoke>"
+            for n, a in calls
+        )
+        return f"<function_calls>{invokes}</function_calls>"
+    if fmt == "function":
+        return "[" + ", ".join(f"{n}({', '.join(f'{k}={v!r}' for k, v in a.items())})" for n, a in calls) + "]"
+    raise ValueError(fmt)
+
+
+def realistic_samples(fmt: str, count: int, seed: int = 0) -> tuple[list[str], int]:
+    """Model-like outputs in format `fmt` and the number of calls they hold."""
+    rng = random.Random(seed)
+    samples, total_calls = [], 0
+    for _ in range(count):
+        calls = [(rng.choice(_TOOL_NAMES), _arguments(rng)) for _ in range(rng.choice((0, 1, 1, 2, 3)))]
+        total_calls += len(calls)
+        parts = []
+        if rng.random() < 0.3:
+            parts.append(f"<think>\n{_prose(rng, 80)}\n</think>\n")
+        parts.append(_prose(rng, rng.randint(200, 600)))
+        if calls:
+            parts.append("\n\n" + _render(fmt, calls, rng) + "\n")
+        if rng.random() < 0.3:
+            parts.append(_prose(rng, 40))
+        samples.append("".join(parts))
+    return samples, total_calls
+
+
+def adversarial_inputs() -> dict[str, str]:
+    """1 MB inputs that make naive parsers quadratic, recursive or slow."""
+    return {
+        "open_braces": "{" * MB,
+        "open_brackets": "[" * MB,
+        "deep_nesting": "[" * (MB // 2) + "]" * (MB // 2),
+        "tool_call_openings": "<tool_call>" * (MB // 11),
+        "f_openings": "f(" * (MB // 2),
+        "f_kw_openings": "f(a=" * (MB // 4),
+        "long_string": '{"name": "a", "arguments": {"x": "' + "a" * MB,
+        "escaped_quotes": '{"name": "a", "arguments": {"x": "' + '\\"' * (MB // 2),
+        "quotes": "{" + '"' * MB,
+        "empty_objects": "{}" * (MB // 2),
+        "unclosed_calls": '{"name":"a",' * (MB // 12),
+        "name_key_flood": '{"name": 1, "x": 2}' * (MB // 19),
+        "invalid_calls": '{"name": "a", "arguments": {"x": 1,}}' * (MB // 37),
+        "mistral_names": "[TOOL_CALLS]" + "a{" * (MB // 2),
+        "invoke_openings": '<invoke name="a"><parameter name="x">' * (MB // 37),
+        "qwen3_openings": "<tool_call><function=a><parameter=b>" * (MB // 36),
+        "think_openings": "<think>" * (MB // 7),
+        "identifier": "a" * MB,
+    }
+
+
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer samples and repeats (under a minute)")
+    args = parser.parse_args()
+    count, repeats = (300, 1) if args.quick else (2000, 3)
+
+    adversarial = adversarial_inputs()
+    summary = [
+        "| parser | realistic MB/s | samples | avg KB/sample | calls found / expected | adversarial worst MB/s "
+        "| worst input (ms) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    matrix_rows = []
+    for name in PARSER_NAMES:
+        tool_parser = get_parser(name)
+        samples, expected = realistic_samples(name, count)
+        size = sum(len(sample.encode()) for sample in samples)
+        found = sum(len([call for call in tool_parser.parse(sample) if call.ok]) for sample in samples)
+        seconds = _best_time(lambda p=tool_parser, s=samples: [p.parse(x) for x in s], repeats)
+        realistic = size / MB / seconds
+        timings = {key: _best_time(lambda p=tool_parser, t=text: p.parse(t), repeats) for key, text in adversarial.items()}
+        worst = max(timings, key=timings.__getitem__)
+        worst_mb_s = len(adversarial[worst].encode()) / MB / timings[worst]
+        flag = "" if realistic >= TARGET_MB_S else " (below target)"
+        summary.append(
+            f"| {name} | {realistic:.1f}{flag} | {count} | {size / count / 1024:.1f} | {found} / {expected} "
+            f"| {worst_mb_s:.1f} | {worst} ({timings[worst] * 1000:.0f}) |"
+        )
+        matrix_rows.append((name, timings))
+        print(summary[-1], flush=True)
+
+    keys = list(adversarial)
+    matrix = ["| input | " + " | ".join(name for name, _ in matrix_rows) + " |"]
+    matrix.append("|---|" + "---:|" * len(matrix_rows))
+    for key in keys:
+        matrix.append(f"| {key} | " + " | ".join(f"{t[key] * 1000:.0f}" for _, t in matrix_rows) + " |")
+    table = "\n".join(summary) + "\n\nAdversarial inputs (1 MB each), milliseconds per parse:\n\n" + "\n".join(matrix)
+    print()
+    print(table)
+    notes = (
+        f"Target: >= {TARGET_MB_S:.0f} MB/s on realistic text per parser. `auto` samples use the hermes format "
+        "(found by its first format, qwen3_xml). Calls found counts `ok` calls only."
+    )
+    append_results("Tool-call parsing" + (" (--quick)" if args.quick else ""), table, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""GRPO with a LoRA adapter and a calculator tool on self-generated arithmetic word problems.
+
+The reference policy for the KL term is the same model with the adapter disabled (TRL's PEFT path), rollouts come
+from `trl_inference_ext.trl.rollout_func` (multi-turn: the model calls the calculator, sees the result, answers),
+and tool-result tokens are masked out of the loss through `env_mask`.
+
+    python recipes/grpo_tools.py --model tiny --output_dir outputs/grpo --max_steps 2
+    accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/grpo_tools.py --model PATH --output_dir out
+    python recipes/grpo_tools.py --config recipes/grpo_tools.yaml          # the same, from a YAML file
+
+`--model` is any local causal LM folder (`tiny` builds a tiny random model). `--use_vllm` generates with this
+package's vLLM backend (weights pushed from the trainer at each step) instead of the trainer's model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RecipeArguments:
+    """Arguments of the recipe (the training arguments are `trl.GRPOConfig`'s)."""
+
+    model: str = field(default="tiny", metadata={"help": "Local causal LM folder, or 'tiny' for a tiny random model."})
+    num_problems: int = field(default=256, metadata={"help": "Number of generated training problems."})
+    problem_seed: int = field(default=0, metadata={"help": "Seed of the problem generator."})
+    max_tool_turns: int = field(default=2, metadata={"help": "Most rounds of tool calls per rollout."})
+    tool_parser: str = field(default="hermes", metadata={"help": "Tool-call format the model is prompted with."})
+    format_reward_weight: float = field(default=0.5, metadata={"help": "Weight of the well-formed-call reward."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "Modules given adapters."}
+    )
+    log_rollouts: bool = field(
+        default=False, metadata={"help": "Write each rank's rollouts to OUTPUT/rollouts_rankN.jsonl."}
+    )
+
+
+def build_trainer(args: RecipeArguments, training_args: Any) -> Any:
+    """Builds the `GRPOTrainer` of the recipe."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    from trl_inference_ext import InferenceModule
+    from trl_inference_ext.tasks.arithmetic import calculator, correct_answer_reward, make_problems
+    from trl_inference_ext.testing import build_tiny_model, qwen2_5_chat_template
+    from trl_inference_ext.tools.prompting import template_renders_tools
+    from trl_inference_ext.trl import rollout_func, tool_call_reward
+
+    model_path = args.model
+    if model_path == "tiny":
+        model_path = str(build_tiny_model(Path(training_args.output_dir) / "tiny-model"))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if not template_renders_tools(tokenizer):  # e.g. SmolLM2: same <|im_start|> tokens, template without tools
+        tokenizer.chat_template = qwen2_5_chat_template()
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+
+    inference = None
+    if training_args.use_vllm:  # our vLLM backend generates; TRL's own vLLM path stays off
+        training_args.use_vllm = False
+        inference = InferenceModule(
+            model_path,
+            backend="vllm",
+            dtype="bfloat16" if training_args.bf16 else "float32",
+            gpu_memory_utilization=training_args.vllm_gpu_memory_utilization,
+            tool_parser=args.tool_parser,
+        )
+        inference.backend.tokenizer.chat_template = tokenizer.chat_template
+    rollout = rollout_func(
+        inference=inference, tools=[calculator], tool_parser=args.tool_parser, max_tool_turns=args.max_tool_turns
+    )
+    if args.log_rollouts:
+        rollout = _logging_rollout(rollout, Path(training_args.output_dir))
+    if training_args.reward_weights is None:
+        training_args.reward_weights = [1.0, args.format_reward_weight]
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=[correct_answer_reward, tool_call_reward(tools=[calculator], tool_parser=args.tool_parser)],
+        args=training_args,
+        train_dataset=Dataset.from_list(make_problems(args.num_problems, args.problem_seed)),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules, task_type="CAUSAL_LM"
+        ),
+        rollout_func=rollout,
+    )
+
+
+def _logging_rollout(rollout: Any, output_dir: Path) -> Any:
+    def logged(prompts: list[Any], trainer: Any) -> dict[str, Any]:
+        out = rollout(prompts, trainer)
+        rank = trainer.accelerator.process_index
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with open(output_dir / f"rollouts_rank{rank}.jsonl", "a") as f:
+            for i, prompt in enumerate(prompts):
+                row = {"step": trainer.state.global_step, "prompt": prompt, "completion_ids": out["completion_ids"][i]}
+                f.write(json.dumps({**row, "env_mask": out["env_mask"][i]}) + "\n")
+        return out
+
+    return logged
+
+
+def main() -> None:
+    """Parses arguments (command line or `--config file.yaml`), trains, saves the adapter and the metrics."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl import GRPOConfig, TrlParser
+
+    args, training_args = TrlParser((RecipeArguments, GRPOConfig)).parse_args_and_config()
+    trainer = build_trainer(args, training_args)
+    trainer.train()
+    trainer.save_model(training_args.output_dir)  # the LoRA adapter, in PEFT format
+    if trainer.accelerator.is_main_process:
+        with open(Path(training_args.output_dir) / "metrics.json", "w") as f:
+            json.dump(trainer.state.log_history, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

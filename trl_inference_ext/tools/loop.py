@@ -1,0 +1,163 @@
+"""Multi-turn tool use: generate -> parse -> execute -> show results -> continue, on exact token ids.
+
+Each rollout keeps one growing list of completion token ids. Model tokens come from sampling (with their log-probs);
+tool-result tokens are appended from the chat template's tool-message format and marked 0 in `env_mask`, so a
+trainer can drop them from the loss. Earlier turns are never re-tokenised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..types import ToolCall
+from .execution import ToolExecutor, ToolResult
+from .parsers import get_parser
+from .prompting import build_tool_prompt, tool_results_text
+from .schema import normalize_tools, tool_functions
+
+if TYPE_CHECKING:
+    from ..module import InferenceModule
+
+
+@dataclass
+class ToolRollout:
+    """One multi-turn rollout.
+
+    Attributes:
+        prompt_ids (`list[int]`): Prompt token ids (tools included).
+        completion_ids (`list[int]`): Model and tool-result tokens, in order.
+        logprobs (`list[float]`): Log-prob of each completion token (0.0 for tool-result tokens).
+        env_mask (`list[int]`): 1 for model tokens, 0 for tool-result tokens.
+        tool_calls (`list[ToolCall]`): Every call parsed, malformed ones included.
+        tool_results (`list[ToolResult]`): The outcome of each call, aligned with `tool_calls`.
+        finish_reason (`str`): `"stop"` (answered without a call), `"length"` (token budget), `"max_tool_turns"` or
+            `"stop_tool"`.
+        text (`str`): Decoded completion (model and tool tokens).
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    env_mask: list[int] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_results: list[ToolResult] = field(default_factory=list)
+    finish_reason: str = "length"
+    text: str = ""
+
+    @property
+    def num_calls(self) -> int:
+        """Number of calls parsed."""
+        return len(self.tool_calls)
+
+    @property
+    def num_failed_calls(self) -> int:
+        """Calls that were malformed, named an unknown tool, raised or timed out."""
+        return sum(not r.ok for r in self.tool_results)
+
+
+def run_tool_loop(
+    inference: InferenceModule,
+    prompts: Sequence[Any],
+    tools: Sequence[Any] | None = None,
+    *,
+    max_tool_turns: int = 3,
+    max_new_tokens: int = 512,
+    stop_tools: Sequence[str] = (),
+    tool_timeout: float = 10.0,
+    functions: dict[str, Callable[..., Any]] | None = None,
+    **sampling: Any,
+) -> list[ToolRollout]:
+    """Runs multi-turn tool use for a batch of prompts (one rollout per prompt).
+
+    Args:
+        inference (`InferenceModule`): Generates the model turns; its `tool_parser_type` parses calls.
+        prompts (`Sequence`): Strings or chat message lists. Pass each prompt once per wanted rollout.
+        tools (`Sequence`, *optional*): Tool definitions; callables are executed, dicts only described.
+        max_tool_turns (`int`, *optional*, defaults to 3): Most rounds of tool execution per rollout.
+        max_new_tokens (`int`, *optional*, defaults to 512): Budget for all completion tokens (model + tool).
+        stop_tools (`Sequence[str]`, *optional*): Tools whose call ends the rollout (executed, results not shown).
+        tool_timeout (`float`, *optional*, defaults to 10.0): Seconds allowed per tool call.
+        functions (`dict[str, Callable]`, *optional*): Implementations for tools given as dicts.
+        **sampling: Sampling arguments for `generate` (temperature, top_p, top_k, seed, ...).
+
+    Returns:
+        `list[ToolRollout]`: One per prompt, in order.
+    """
+    if isinstance(max_tool_turns, bool) or not isinstance(max_tool_turns, int) or max_tool_turns < 0:
+        raise ValueError(f"`max_tool_turns` must be an int >= 0, got {max_tool_turns!r}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be an int >= 1, got {max_new_tokens!r}.")
+    for forbidden in ("num_return_sequences", "return_logprobs", "max_new_tokens"):
+        if forbidden in sampling:
+            raise TypeError(f"`{forbidden}` is set by the tool loop; pass prompts once per rollout instead.")
+    schemas = normalize_tools(tools)
+    implementations = {**tool_functions(tools), **(functions or {})}
+    tokenizer = inference.tokenizer
+    parser = get_parser(
+        inference.tool_parser_type, chat_template=getattr(tokenizer, "chat_template", None), tool_schemas=schemas
+    )
+    chat = [not isinstance(p, str) for p in prompts]
+    encoded = [
+        build_tool_prompt(tokenizer, p if isinstance(p, str) else list(p), schemas, inference.tool_parser_type)
+        for p in prompts
+    ]
+    rollouts = [ToolRollout(prompt_ids=inference._encode_prompts([e])[0]) for e in encoded]
+    eos = tokenizer.eos_token_id
+    executor = ToolExecutor(implementations, timeout=tool_timeout)
+    active = list(range(len(rollouts)))
+    try:
+        for turn in range(max_tool_turns + 1):
+            if not active:
+                break
+            budget = max(max_new_tokens - len(rollouts[i].completion_ids) for i in active)
+            result = inference.generate(
+                [rollouts[i].prompt_ids + rollouts[i].completion_ids for i in active],
+                use_cache=False,
+                max_new_tokens=budget,
+                return_logprobs=True,
+                **sampling,
+            )
+            assert result.logprobs is not None and result.token_ids is not None and result.metadata is not None
+            still_active = []
+            for j, i in enumerate(active):
+                rollout = rollouts[i]
+                room = max_new_tokens - len(rollout.completion_ids)
+                ids, lps = result.token_ids[j][:room], result.logprobs[j][:room].tolist()
+                rollout.completion_ids += ids
+                rollout.logprobs += lps
+                rollout.env_mask += [1] * len(ids)
+                truncated = len(ids) < len(result.token_ids[j]) or result.metadata["finish_reasons"][j] == "length"
+                calls = parser.parse(inference._decode(ids))
+                if not calls:
+                    rollout.finish_reason = "length" if truncated else "stop"
+                    continue
+                rollout.tool_calls += calls
+                outcomes = executor.run(calls)
+                rollout.tool_results += outcomes
+                if any(c.ok and c.name in stop_tools for c in calls):
+                    rollout.finish_reason = "stop_tool"
+                    continue
+                if truncated or turn == max_tool_turns:
+                    rollout.finish_reason = "length" if truncated else "max_tool_turns"
+                    continue
+                messages = [{"role": "tool", "name": r.name, "content": r.content} for r in outcomes]
+                text, needs_eos = tool_results_text(tokenizer, messages, chat[i])
+                env_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+                if needs_eos and eos is not None and (not ids or ids[-1] != eos):
+                    env_ids = [eos, *env_ids]
+                env_ids = env_ids[: max_new_tokens - len(rollout.completion_ids)]
+                rollout.completion_ids += env_ids
+                rollout.logprobs += [0.0] * len(env_ids)
+                rollout.env_mask += [0] * len(env_ids)
+                if len(rollout.completion_ids) >= max_new_tokens:
+                    rollout.finish_reason = "length"
+                    continue
+                still_active.append(i)
+            active = still_active
+    finally:
+        executor.close()
+    for rollout in rollouts:
+        rollout.text = inference._decode(rollout.completion_ids)
+    return rollouts

@@ -1,0 +1,23 @@
+"""The `llama3_json` format (Llama 3.1 / 3.2 / 3.3 JSON tool calling).
+
+The model writes an optional `<|python_tag|>`, then one or more call objects separated by `;` or newlines::
+
+    <|python_tag|>{"name": "search", "parameters": {"query": "x"}}; {"name": "clock", "parameters": {}}
+
+`"arguments"` is accepted in place of `"parameters"`. Objects may be surrounded by prose; the built-in
+`<|python_tag|>tool.call(...)` form of Llama's code tools is not parsed (use the `function` parser for it).
+"""
+
+from __future__ import annotations
+
+from ._json_calls import CallKeys
+from .json_format import JsonParser
+
+LLAMA3_KEYS = CallKeys(names=("name",), arguments=("parameters", "arguments"))
+
+
+class Llama3JsonParser(JsonParser):
+    """Parses Llama 3 JSON calls: `{"name": ..., "parameters": {...}}`, several separated by `;` or newlines."""
+
+    name = "llama3_json"
+    keys = LLAMA3_KEYS

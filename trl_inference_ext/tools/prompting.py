@@ -1,0 +1,119 @@
+"""Putting tool descriptions into prompts: the chat template's `tools=` when it renders them, else a preamble."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_PROBE_NAME = "trl_inference_ext_probe_tool"
+
+CALL_FORMATS: dict[str, str] = {
+    "json": '{"tool": "<tool name>", "arguments": {"<argument>": <value>}}',
+    "xml": (
+        "<function_calls>\n<invoke>\n<tool_name><tool name></tool_name>\n<parameters>\n"
+        "<argument name as tag>value</argument name as tag>\n</parameters>\n</invoke>\n</function_calls>"
+    ),
+    "function": '<tool name>(<argument>="value", <other argument>=5)',
+    "hermes": '<tool_call>\n{"name": "<tool name>", "arguments": {"<argument>": <value>}}\n</tool_call>',
+    "llama3_json": '{"name": "<tool name>", "parameters": {"<argument>": <value>}}',
+    "mistral": '[TOOL_CALLS][{"name": "<tool name>", "arguments": {"<argument>": <value>}}]',
+    "qwen3_xml": (
+        "<tool_call>\n<function=<tool name>>\n<parameter=<argument>>\nvalue\n</parameter>\n</function>\n</tool_call>"
+    ),
+}
+CALL_FORMATS["auto"] = CALL_FORMATS["hermes"]
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders the `tools=` argument (checked once per tokenizer)."""
+    cached = getattr(tokenizer, "_trl_inference_ext_renders_tools", None)
+    if cached is not None:
+        return bool(cached)
+    renders = False
+    if getattr(tokenizer, "chat_template", None):
+        probe = {"type": "function", "function": {"name": _PROBE_NAME, "description": "", "parameters": {}}}
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}], tools=[probe], tokenize=False, add_generation_prompt=True
+            )
+            renders = _PROBE_NAME in text
+        except Exception:  # a template that rejects tools does not render them
+            renders = False
+    tokenizer._trl_inference_ext_renders_tools = renders
+    return renders
+
+
+def tool_preamble(schemas: list[dict[str, Any]], parser_name: str) -> str:
+    """A plain-text description of the tools and of the exact call format the selected parser reads."""
+    lines = ["You can call the following tools:"]
+    lines += [json.dumps(s["function"], ensure_ascii=False) for s in schemas]
+    lines += [
+        "",
+        "To call a tool, write exactly:",
+        CALL_FORMATS.get(parser_name, CALL_FORMATS["json"]),
+        "Call several tools by repeating the format. If no tool is needed, answer directly.",
+    ]
+    return "\n".join(lines)
+
+
+def build_tool_prompt(tokenizer: Any, prompt: Any, schemas: list[dict[str, Any]], parser_name: str) -> Any:
+    """Returns the prompt with tools described: token ids for chat messages, text for a text prompt.
+
+    Args:
+        tokenizer: A transformers tokenizer.
+        prompt: A string or a list of chat messages.
+        schemas (`list[dict]`): Normalised tool schemas (see `tools.schema.normalize_tools`).
+        parser_name (`str`): The selected tool-call format, described in the preamble.
+
+    Raises:
+        TypeError: If `prompt` is token ids and tools must be added (ids cannot be augmented safely).
+    """
+    if not schemas:
+        return prompt
+    if isinstance(prompt, str):
+        return f"{tool_preamble(schemas, parser_name)}\n\n{prompt}"
+    if not (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt)):
+        raise TypeError("With `available_tools`, prompts must be strings or chat message lists, not token ids.")
+    messages = [dict(m) for m in prompt]
+    if template_renders_tools(tokenizer):
+        encoded = tokenizer.apply_chat_template(
+            messages, tools=schemas, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+    preamble = tool_preamble(schemas, parser_name)
+    if messages[0].get("role") == "system":
+        messages[0]["content"] = f"{messages[0].get('content', '')}\n\n{preamble}"
+    else:
+        messages.insert(0, {"role": "system", "content": preamble})
+    return messages
+
+
+def tool_results_text(tokenizer: Any, messages: list[dict[str, Any]], chat: bool) -> tuple[str, bool]:
+    """The text that follows a finished assistant turn to show tool results and open the next assistant turn.
+
+    For chat prompts it is rendered by the chat template (tool messages, then the generation prompt), as the
+    difference between a conversation with and without the tool messages, starting right after the assistant's
+    end-of-turn token. Plain-text prompts get `<tool_response>` blocks.
+
+    Args:
+        tokenizer: A transformers tokenizer.
+        messages (`list[dict]`): Tool messages (`{"role": "tool", "name", "content"}`).
+        chat (`bool`): Whether the prompt went through the chat template.
+
+    Returns:
+        `tuple[str, bool]`: The text, and whether it must be preceded by the end-of-turn (EOS) token.
+    """
+    if chat and getattr(tokenizer, "chat_template", None):
+        dialogue = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+        try:
+            base = tokenizer.apply_chat_template(dialogue, tokenize=False)
+            full = tokenizer.apply_chat_template(dialogue + messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # a template without a tool role: fall back to plain text
+            base = full = ""
+        eos = tokenizer.eos_token or ""
+        cut = base.rfind(eos) if eos else -1
+        prefix = base[: cut + len(eos)] if cut >= 0 else base
+        if base and full.startswith(prefix):
+            return full[len(prefix) :], cut >= 0
+    blocks = "".join(f"\n<tool_response>\n{m['content']}\n</tool_response>" for m in messages)
+    return blocks + "\n", False

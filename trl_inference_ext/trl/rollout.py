@@ -1,0 +1,175 @@
+"""`rollout_func` for TRL's `GRPOTrainer`: generation (optionally multi-turn with tools) by `InferenceModule`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from ..module import InferenceModule
+from ..tools.loop import ToolRollout, run_tool_loop
+from .sampling import sampling_from_trl_args
+
+
+def _repeat_groups(prompts: Sequence[Any]) -> int:
+    """Size of the runs of identical consecutive prompts if they are all equal (TRL repeats each prompt), else 1."""
+    runs, start = [], 0
+    for i in range(1, len(prompts) + 1):
+        if i == len(prompts) or prompts[i] != prompts[start]:
+            runs.append(i - start)
+            start = i
+    return runs[0] if runs and all(r == runs[0] for r in runs) else 1
+
+
+class RolloutFunction:
+    """A callable with TRL's `rollout_func(prompts, trainer) -> dict` signature.
+
+    Built by `rollout_func(...)`; see there for the arguments.
+    """
+
+    def __init__(
+        self,
+        inference: InferenceModule | None,
+        tools: Sequence[Any] | None,
+        tool_parser: str,
+        max_tool_turns: int,
+        stop_tools: Sequence[str],
+        tool_timeout: float,
+        sampling: dict[str, Any],
+    ) -> None:
+        self.inference = inference
+        self.tools = list(tools or [])
+        self.tool_parser = tool_parser
+        self.max_tool_turns = max_tool_turns
+        self.stop_tools = tuple(stop_tools)
+        self.tool_timeout = tool_timeout
+        self.sampling = sampling
+        self._synced_step: int | None = None
+
+    @contextlib.contextmanager
+    def _trainer_model(self, trainer: Any) -> Iterator[Any]:
+        """The trainer's unwrapped model, with ZeRO-3 parameters gathered for the duration."""
+        from trl.models import unwrap_model_for_generation
+
+        gather = bool(getattr(trainer.args, "ds3_gather_for_generation", True))
+        with unwrap_model_for_generation(
+            trainer.model_wrapped, trainer.accelerator, gather_deepspeed3_params=gather
+        ) as m:
+            yield m
+
+    def _sync_weights(self, trainer: Any) -> None:
+        assert self.inference is not None
+        step = int(trainer.state.global_step)
+        if step == self._synced_step:
+            return
+        backend = self.inference.backend
+        if hasattr(backend, "load_weights_from_model"):
+            with self._trainer_model(trainer) as model:
+                backend.load_weights_from_model(model)
+        elif getattr(backend, "model", None) is not trainer.accelerator.unwrap_model(trainer.model_wrapped):
+            raise ValueError(
+                "The given `inference` runs a different model than the trainer and its backend cannot load weights; "
+                "pass `inference=None` to generate with the trainer's model, or use the vLLM backend."
+            )
+        self.inference.clear_cache()
+        self._synced_step = step
+
+    def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
+        """Generates one completion per entry of `prompts` (TRL passes each prompt `num_generations` times)."""
+        sampling = sampling_from_trl_args(trainer.args, self.sampling)
+        if self.inference is not None:
+            self._sync_weights(trainer)
+            return self._rollouts(self.inference, prompts, sampling)
+        with self._trainer_model(trainer) as model:
+            inference = InferenceModule.from_model(
+                model, trainer.processing_class, cache_size=0, tool_parser=self.tool_parser
+            )
+            return self._rollouts(inference, prompts, sampling)
+
+    def _rollouts(self, inference: InferenceModule, prompts: list[Any], sampling: dict[str, Any]) -> dict[str, Any]:
+        if self.tools:
+            sampling = dict(sampling)
+            rollouts = run_tool_loop(
+                inference,
+                prompts,
+                self.tools,
+                max_new_tokens=sampling.pop("max_new_tokens", 512),
+                max_tool_turns=self.max_tool_turns,
+                stop_tools=self.stop_tools,
+                tool_timeout=self.tool_timeout,
+                **sampling,
+            )
+            return _as_trl_output(rollouts)
+        group = _repeat_groups(prompts)
+        result = inference.generate(
+            prompts[::group], use_cache=False, num_return_sequences=group, return_logprobs=True, **sampling
+        )
+        assert result.token_ids is not None and result.logprobs is not None and result.metadata is not None
+        prompt_ids = [result.metadata["prompt_token_ids"][i // group] for i in range(len(prompts))]
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": result.token_ids,
+            "logprobs": [lp.tolist() for lp in result.logprobs],
+            "env_mask": [[1] * len(ids) for ids in result.token_ids],
+        }
+
+
+def _as_trl_output(rollouts: list[ToolRollout]) -> dict[str, Any]:
+    return {
+        "prompt_ids": [r.prompt_ids for r in rollouts],
+        "completion_ids": [r.completion_ids for r in rollouts],
+        "logprobs": [r.logprobs for r in rollouts],
+        "env_mask": [r.env_mask for r in rollouts],
+        "tool_calls": [[asdict(c) for c in r.tool_calls] for r in rollouts],
+        "tool_results": [[asdict(t) for t in r.tool_results] for r in rollouts],
+    }
+
+
+def rollout_func(
+    inference: InferenceModule | None = None,
+    tools: Sequence[Any] | None = None,
+    tool_parser: str = "auto",
+    max_tool_turns: int = 3,
+    stop_tools: Sequence[str] = (),
+    tool_timeout: float = 10.0,
+    **sampling: Any,
+) -> Callable[[list[Any], Any], dict[str, Any]]:
+    """Builds a `rollout_func` for `trl.GRPOTrainer`.
+
+    The returned function receives this process's prompts (already repeated `num_generations` times, plain strings or
+    chat message lists) and returns `prompt_ids`, `completion_ids`, `logprobs` (of the processed sampling
+    distribution), `env_mask` (0 on tool-result tokens, so TRL drops them from the loss), and with tools also
+    `tool_calls` and `tool_results`, which TRL forwards to reward functions as keyword arguments.
+
+    Args:
+        inference (`InferenceModule`, *optional*): Generate with this module (e.g. the vLLM backend); its weights are
+            synced from the trainer's model at each new global step. `None` generates with the trainer's own
+            (unwrapped, possibly PEFT, ZeRO-3-gathered) model on the Hugging Face backend.
+        tools (`Sequence`, *optional*): Tools for multi-turn rollouts (callables are executed).
+        tool_parser (`str`, *optional*, defaults to `"auto"`): Tool-call format (used when `inference=None`).
+        max_tool_turns (`int`, *optional*, defaults to 3): Most rounds of tool execution per rollout.
+        stop_tools (`Sequence[str]`, *optional*): Tools whose call ends a rollout.
+        tool_timeout (`float`, *optional*, defaults to 10.0): Seconds per tool call.
+        **sampling: Overrides for the sampling settings read from `trainer.args` (`temperature`, `top_p`, `top_k`,
+            `max_new_tokens`, `seed`, `stop`).
+
+    Example:
+        ```python
+        trainer = GRPOTrainer(model=..., reward_funcs=[...], args=GRPOConfig(...), train_dataset=ds,
+                              peft_config=LoraConfig(...), rollout_func=rollout_func(tools=[calculator]))
+        ```
+    """
+    if inference is not None and not isinstance(inference, InferenceModule):
+        raise TypeError(f"`inference` must be an InferenceModule or None, got {type(inference).__name__}.")
+    if isinstance(max_tool_turns, bool) or not isinstance(max_tool_turns, int) or max_tool_turns < 0:
+        raise ValueError(f"`max_tool_turns` must be an int >= 0, got {max_tool_turns!r}.")
+    from ..tools.parsers import PARSER_NAMES
+
+    if tool_parser not in PARSER_NAMES:
+        raise ValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {tool_parser!r}.")
+    if tools:
+        from ..tools.schema import normalize_tools
+
+        normalize_tools(tools)  # fail at construction, not mid-training
+    return RolloutFunction(inference, tools, tool_parser, max_tool_turns, stop_tools, tool_timeout, sampling)

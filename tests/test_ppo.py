@@ -148,7 +148,9 @@ def test_policy_with_value_head_matches_get_logprobs(tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "down_proj", "lm_head"], init_lora_weights=False)
+    )
     policy = PolicyWithValueHead(model, pad_token_id=tokenizer.pad_token_id)
     assert policy.value_head.summary.in_features == base.config.hidden_size
     with torch.no_grad():
@@ -194,7 +196,17 @@ def test_recipe_two_ppo_updates(recipe, tiny_model_dir, tmp_path):
     params = dict(policy.named_parameters())
     changed = {n for n, before in trainable.items() if not torch.equal(params[n].detach(), before)}
     assert any("lora_B" in n for n in changed) and {"value_head.summary.weight", "value_head.summary.bias"} <= changed
-    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "value_head.safetensors").exists()
+    # the saved adapter + value head reproduce the trained policy on a fresh copy of the base model
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reloaded = PolicyWithValueHead(PeftModel.from_pretrained(base, tmp_path), pad_token_id=tokenizer.pad_token_id)
+    reloaded.value_head.load_state_dict(load_file(tmp_path / "value_head.safetensors"))
+    prompts, responses = [tokenizer("the year was")["input_ids"]], [tokenizer(" 1 2 3")["input_ids"]]
+    with torch.no_grad():
+        for expected, actual in zip(policy(prompts, responses), reloaded(prompts, responses)):
+            torch.testing.assert_close(actual, expected)
 
 
 def test_recipe_arguments_from_yaml(recipe, tmp_path):

@@ -36,7 +36,8 @@ def render(fmt: str, calls: list[tuple[str, dict[str, Any]]]) -> str:
     """Writes calls the way a model would in format `fmt`."""
     if fmt == "hermes":
         return "\n".join(
-            f"<tool_call>\n{json.dumps({'name': n, 'arguments': a}, ensure_ascii=False)}\n</tool_call>" for n, a in calls
+            f"<tool_call>\n{json.dumps({'name': n, 'arguments': a}, ensure_ascii=False)}\n</tool_call>"
+            for n, a in calls
         )
     if fmt == "json":
         return "\n".join(json.dumps({"tool": n, "arguments": a}, ensure_ascii=False) for n, a in calls)
@@ -94,7 +95,9 @@ def test_parallel_calls(parse, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("arguments", [ALL_TYPES, NESTED, ESCAPED, UNICODE, {}], ids=["types", "nested", "escaped", "unicode", "empty"])
+@pytest.mark.parametrize(
+    "arguments", [ALL_TYPES, NESTED, ESCAPED, UNICODE, {}], ids=["types", "nested", "escaped", "unicode", "empty"]
+)
 def test_argument_values_round_trip(parse, fmt, arguments):
     calls = parse(fmt, render(fmt, [("tool", arguments)]))
     assert _named(calls) == [("tool", arguments)]

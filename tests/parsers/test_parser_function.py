@@ -18,7 +18,7 @@ def test_literals(parse):
     )
     (call,) = parse("function", text)
     assert call.arguments == {
-        "s": "it's \"q\"",
+        "s": 'it\'s "q"',
         "n": -5,
         "x": 2500.0,
         "t": True,
@@ -79,7 +79,7 @@ def test_known_names(parse):
 
 
 def test_call_inside_a_string_argument_is_not_a_call(parse):
-    (call,) = parse("function", 'run(code="other(a=1)", note=\'x(y=2)\')')
+    (call,) = parse("function", "run(code=\"other(a=1)\", note='x(y=2)')")
     assert call.name == "run" and call.arguments == {"code": "other(a=1)", "note": "x(y=2)"}
 
 
@@ -95,5 +95,5 @@ def test_unclosed(parse):
 
 
 def test_broken_quote_only_hides_one_line(parse):
-    text = "f(a=\"x\nnope)\ng(b=1)"
+    text = 'f(a="x\nnope)\ng(b=1)'
     assert [(c.name, c.status) for c in parse("function", text)] == [("f", "invalid_arguments"), ("g", "ok")]

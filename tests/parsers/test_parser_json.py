@@ -66,7 +66,10 @@ def test_blank_or_null_arguments_are_empty(parse):
 
 
 def test_arguments_that_are_not_an_object(parse):
-    calls = parse("json", '{"name": "a", "arguments": [1]} {"name": "b", "arguments": "not json"} {"name": "c", "arguments": "[1]"}')
+    calls = parse(
+        "json",
+        '{"name": "a", "arguments": [1]} {"name": "b", "arguments": "not json"} {"name": "c", "arguments": "[1]"}',
+    )
     assert [c.status for c in calls] == ["invalid_arguments"] * 3
     assert [c.name for c in calls] == ["a", "b", "c"]
 

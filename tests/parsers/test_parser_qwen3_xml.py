@@ -65,7 +65,9 @@ def test_schema_conversion_falls_back_to_the_text(parse):
 
 
 def test_without_schema_values_are_json_decoded(parse):
-    (call,) = parse("qwen3_xml", block("g", s="007x", i="42", l="[1, 2]", t="true", q='"quoted"'), tool_schemas=[SCHEMA])
+    (call,) = parse(
+        "qwen3_xml", block("g", s="007x", i="42", l="[1, 2]", t="true", q='"quoted"'), tool_schemas=[SCHEMA]
+    )
     assert call.arguments == {"s": "007x", "i": 42, "l": [1, 2], "t": True, "q": "quoted"}
 
 

@@ -14,10 +14,12 @@ from trl_inference_ext.tools.parsers import (
 )
 
 QWEN3_TEMPLATE = "{% for tool in tools %}...<tool_call>\n<function=example_function_name>\n...{% endfor %}"
-HERMES_TEMPLATE = '<tools>{{ tools }}</tools> ... <tool_call>\n{"name": <function-name>, "arguments": <args>}\n</tool_call>'
+HERMES_TEMPLATE = (
+    '<tools>{{ tools }}</tools> ... <tool_call>\n{"name": <function-name>, "arguments": <args>}\n</tool_call>'
+)
 MISTRAL_TEMPLATE = "{%- if message.tool_calls %}[TOOL_CALLS][{%- for tool_call in message.tool_calls %}..."
 LLAMA3_TEMPLATE = "<|start_header_id|>assistant<|end_header_id|>\n\n<|python_tag|>{{ tool_call.name }}.call("
-XML_TEMPLATE = "Use <function_calls><invoke name=\"$FUNCTION_NAME\">...</invoke></function_calls>"
+XML_TEMPLATE = 'Use <function_calls><invoke name="$FUNCTION_NAME">...</invoke></function_calls>'
 
 
 @pytest.mark.parametrize("name", [name for name in PARSER_NAMES if name != "auto"])
@@ -85,6 +87,8 @@ def test_auto_stops_at_the_first_format_with_a_malformed_call(parse):
 
 def test_auto_passes_tool_schemas_to_every_format(parse):
     schemas = [{"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}]
-    (call,) = parse("auto", "<tool_call><function=f><parameter=x>5</parameter></function></tool_call>", tool_schemas=schemas)
+    (call,) = parse(
+        "auto", "<tool_call><function=f><parameter=x>5</parameter></function></tool_call>", tool_schemas=schemas
+    )
     assert call.arguments == {"x": "5"}
     assert parse("auto", "g(x=1)", tool_schemas=schemas) == []

@@ -58,7 +58,7 @@ def test_scan_json_decoded_values():
 
 
 def test_paren_matcher():
-    text = "f(a=')', b=\"(\") g(h(1), [2)]) k(\"x\n)"
+    text = 'f(a=\')\', b="(") g(h(1), [2)]) k("x\n)'
     matcher = ParenMatcher(text)
     assert text[: matcher.close_of(1)] == "f(a=')', b=\"(\")"
     g = text.index("g(") + 1

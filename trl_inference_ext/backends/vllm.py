@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -219,7 +219,7 @@ class VLLMBackend:
         self.llm = LLM(
             model=model_name,
             tensor_parallel_size=tensor_parallel_size,
-            dtype=dtype,
+            dtype=cast(Any, dtype),  # vLLM validates the value and names the allowed ones
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             trust_remote_code=trust_remote_code,

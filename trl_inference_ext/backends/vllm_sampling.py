@@ -8,6 +8,8 @@ vLLM's answer back the same way for both.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..types import SamplingConfig
@@ -96,7 +98,7 @@ def request_seed(sampling: SamplingConfig, offset: int) -> int | None:
     return (sampling.seed + offset) % (2**63)
 
 
-def sampler_settings(sampling: SamplingConfig) -> dict[str, float | int]:
+def sampler_settings(sampling: SamplingConfig) -> dict[str, Any]:
     """vLLM's `temperature`, `top_p` and `top_k` for `sampling`: greedy is temperature 0 without truncation.
 
     Args:

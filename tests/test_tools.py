@@ -180,3 +180,15 @@ def test_tool_loop_limits_and_failures(tool_inference):
         run_tool_loop(tool_inference, [prompt], max_tool_turns=-1)
     with pytest.raises(TypeError, match="num_return_sequences"):
         run_tool_loop(tool_inference, [prompt], num_return_sequences=2)
+
+
+def test_repeated_prompts_share_the_first_turn(tool_inference):
+    from trl_inference_ext.tools.loop import repeat_group_size
+
+    assert repeat_group_size(["a", "a", "b", "b"]) == 2
+    assert repeat_group_size(["a", "a", "b"]) == 1
+    assert repeat_group_size(["a", "b"]) == 1
+    prompt = [{"role": "user", "content": "add 2 and 3"}]
+    rollouts = run_tool_loop(tool_inference, [prompt, prompt], tools=[add], do_sample=False, max_new_tokens=120)
+    assert rollouts[0].completion_ids == rollouts[1].completion_ids
+    assert rollouts[0].tool_results[0].content == "5" and rollouts[1].finish_reason == "stop"

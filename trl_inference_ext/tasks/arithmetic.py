@@ -62,16 +62,30 @@ def _evaluate(node: ast.AST) -> float:
     raise ValueError(f"unsupported expression element: {type(node).__name__}")
 
 
-def make_problems(n: int, seed: int = 0, max_operand: int = 50) -> list[dict[str, Any]]:
+def worked_example() -> list[dict[str, Any]]:
+    """One solved exchange (question, calculator call, result, answer) that shows a small model the call format."""
+    return [
+        {"role": "user", "content": "Sam has 3 bags with 14 marbles each. How many marbles does Sam have?"},
+        {
+            "role": "assistant",
+            "content": '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3 * 14"}}\n</tool_call>',
+        },
+        {"role": "tool", "name": "calculator", "content": "42"},
+        {"role": "assistant", "content": "Sam has 42 marbles."},
+    ]
+
+
+def make_problems(n: int, seed: int = 0, max_operand: int = 50, few_shot: bool = False) -> list[dict[str, Any]]:
     """Generates `n` word problems as chat prompts with their integer answers.
 
     Args:
         n (`int`): Number of problems.
         seed (`int`, *optional*, defaults to 0): Seed; the same seed gives the same problems.
         max_operand (`int`, *optional*, defaults to 50): Largest operand.
+        few_shot (`bool`, *optional*, defaults to `False`): Start each conversation with `worked_example()`.
 
     Returns:
-        `list[dict]`: Rows with `prompt` (a one-message conversation) and `answer` (an `int`).
+        `list[dict]`: Rows with `prompt` (a conversation ending with the question) and `answer` (an `int`).
     """
     rng = random.Random(seed)
     rows = []
@@ -83,7 +97,8 @@ def make_problems(n: int, seed: int = 0, max_operand: int = 50) -> list[dict[str
         answer = {"+": a + b, "-": a - b, "*": a * b}[op]
         question = template.format(name=rng.choice(_NAMES), a=a, b=b)
         content = f"{question} Use the calculator tool, then give the final answer as a number."
-        rows.append({"prompt": [{"role": "user", "content": content}], "answer": answer})
+        prefix = worked_example() if few_shot else []
+        rows.append({"prompt": [*prefix, {"role": "user", "content": content}], "answer": answer})
     return rows
 
 

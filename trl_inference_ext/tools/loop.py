@@ -57,6 +57,20 @@ class ToolRollout:
         return sum(not r.ok for r in self.tool_results)
 
 
+def repeat_group_size(items: Sequence[Any]) -> int:
+    """Length of the runs of identical consecutive items when all runs have that length, else 1.
+
+    TRL passes each prompt `num_generations` times in a row; generating each distinct prompt once with
+    `num_return_sequences` equal to this size gives the same rollouts while prefilling each prompt once.
+    """
+    runs, start = [], 0
+    for i in range(1, len(items) + 1):
+        if i == len(items) or items[i] != items[start]:
+            runs.append(i - start)
+            start = i
+    return runs[0] if runs and all(r == runs[0] for r in runs) else 1
+
+
 def run_tool_loop(
     inference: InferenceModule,
     prompts: Sequence[Any],
@@ -112,11 +126,15 @@ def run_tool_loop(
             if not active:
                 break
             budget = max(max_new_tokens - len(rollouts[i].completion_ids) for i in active)
+            contexts = [rollouts[i].prompt_ids + rollouts[i].completion_ids for i in active]
+            # First turn: identical consecutive prompts (GRPO's repeats) share one prefill and KV cache.
+            group = repeat_group_size(contexts) if turn == 0 else 1
             result = inference.generate(
-                [rollouts[i].prompt_ids + rollouts[i].completion_ids for i in active],
+                contexts[::group],
                 use_cache=False,
                 max_new_tokens=budget,
                 return_logprobs=True,
+                num_return_sequences=group,
                 **sampling,
             )
             assert result.logprobs is not None and result.token_ids is not None and result.metadata is not None

@@ -8,18 +8,8 @@ from dataclasses import asdict
 from typing import Any
 
 from ..module import InferenceModule
-from ..tools.loop import ToolRollout, run_tool_loop
+from ..tools.loop import ToolRollout, repeat_group_size, run_tool_loop
 from .sampling import sampling_from_trl_args
-
-
-def _repeat_groups(prompts: Sequence[Any]) -> int:
-    """Size of the runs of identical consecutive prompts if they are all equal (TRL repeats each prompt), else 1."""
-    runs, start = [], 0
-    for i in range(1, len(prompts) + 1):
-        if i == len(prompts) or prompts[i] != prompts[start]:
-            runs.append(i - start)
-            start = i
-    return runs[0] if runs and all(r == runs[0] for r in runs) else 1
 
 
 class RolloutFunction:
@@ -101,7 +91,7 @@ class RolloutFunction:
                 **sampling,
             )
             return _as_trl_output(rollouts)
-        group = _repeat_groups(prompts)
+        group = repeat_group_size(prompts)
         result = inference.generate(
             prompts[::group], use_cache=False, num_return_sequences=group, return_logprobs=True, **sampling
         )

@@ -366,13 +366,28 @@ def check_logprobs(module: Any, prompts: list[list[int]], samples: list[tuple[in
     return worst
 
 
+def profile_row(run: Callable[[], dict[str, Any]], name: str, top: int = 25) -> None:
+    """Runs `run` once under cProfile and prints the top functions by cumulative and by own time."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    r = run()
+    profiler.disable()
+    print(f"\ncProfile of row ({name}): {r['tokens']} tokens in {r['seconds']:.2f} s (profiled)", flush=True)
+    stats = pstats.Stats(profiler, stream=sys.stdout).strip_dirs()
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+
+
 def format_table(results: dict[str, list[dict[str, Any]]], workload: Workload) -> str:
     """Markdown table: best-of-N tokens/s per row and the ratios against (a) and (c)."""
     best = {row: max(runs, key=lambda r: r["tokens_per_s"]) for row, runs in results.items()}
     lines = [
         "| row | completion tokens/s (best) | wall s (that run) | tokens (that run) | mean completion length "
-        "(all runs) | ended by EOS | vs (a) | vs (c) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "(all runs) | ended by EOS | vs (a) | vs (c) | tokens/s of each run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row, runs in results.items():
         r = best[row]
@@ -380,9 +395,10 @@ def format_table(results: dict[str, list[dict[str, Any]]], workload: Workload) -
         eos_share = sum(x["eos_share"] for x in runs) / len(runs)
         vs_a = r["tokens_per_s"] / best[ROW_A]["tokens_per_s"]
         vs_c = f"{r['tokens_per_s'] / best[ROW_C]['tokens_per_s']:.2f}" if ROW_C in best else "n/a"
+        each = ", ".join(f"{x['tokens_per_s']:.1f}" for x in runs)
         lines.append(
             f"| {row} | {r['tokens_per_s']:.1f} | {r['seconds']:.2f} | {r['tokens']} | {mean_len:.1f} / "
-            f"{workload.max_new_tokens} | {eos_share:.0%} | {vs_a:.2f} | {vs_c} |"
+            f"{workload.max_new_tokens} | {eos_share:.0%} | {vs_a:.2f} | {vs_c} | {each} |"
         )
     return "\n".join(lines)
 
@@ -392,11 +408,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small model and workload, under 2 minutes on 2 cores")
     parser.add_argument("--model", choices=("random", "smollm2"), default="random", help="which model to run")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers of the random model (default 24)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 2, 3 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 2, 5 with --quick)")
     parser.add_argument("--eos-prob", type=float, default=None, help="planted per-step EOS probability (random)")
     parser.add_argument("--no-vllm", action="store_true", help="skip row (c)")
     parser.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile", choices=("a", "b"), default=None, help="after timing, cProfile one more call of row (a) or (b)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -404,7 +423,7 @@ def main() -> None:
 
     from trl_inference_ext import InferenceModule
 
-    repeats = args.repeats or (3 if args.quick else 2)
+    repeats = args.repeats or (5 if args.quick else 2)
     use_vllm = not args.no_vllm and importlib.util.find_spec("vllm") is not None
     tmp = tempfile.TemporaryDirectory(prefix="generation_bench_")
     notes: list[str] = []
@@ -440,6 +459,7 @@ def main() -> None:
         if not quick and layers != 24:
             notes.append(f"`--layers {layers}`: the real Qwen2-0.5B has 24 decoder layers; kept {layers} for CPU time.")
     lengths = sorted(len(p) for p in prompts)
+    load_before = os.getloadavg()[0]
     print(f"{title}\nprompt lengths {lengths}, {workload}", flush=True)
 
     start = time.perf_counter()
@@ -498,11 +518,14 @@ def main() -> None:
         diff_c = check_logprobs(hf_module, prompts, vllm_row.ask("sample")) if vllm_row is not None else None
         if diff_c is not None:
             print(f"(c) vLLM log-probs vs HF get_logprobs, max |diff| over 2 sequences: {diff_c:.2e}", flush=True)
+        if args.profile:
+            profile_row(run_a if args.profile == "a" else run_b, args.profile)
     finally:
         if vllm_row is not None:
             vllm_row.close()
         tmp.cleanup()
 
+    load_after = os.getloadavg()[0]
     table = format_table(results, workload)
     print(table)
     summary = {row: [{k: round(v, 3) for k, v in r.items()} for r in runs] for row, runs in results.items()}
@@ -518,7 +541,9 @@ def main() -> None:
         f"Workload: {workload.num_prompts} prompts (lengths {lengths[0]}-{lengths[-1]}) x {n} samples, up to "
         f"{max_new} new tokens, temperature 1.0, top-k off, top-p 1.0. Tokens/s counts real completion tokens "
         f"(EOS included); best of {repeats} timed run(s) per row after one small warm-up call, row order rotated "
-        f"between runs; torch threads {torch.get_num_threads()}. Model load (HF) {hf_load_s:.1f} s, not timed.",
+        f"between runs; torch threads {torch.get_num_threads()}. Model load (HF) {hf_load_s:.1f} s, not timed. "
+        f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (the machine is shared: other "
+        f"processes slow single runs, hence best-of and the per-run column).",
         "(a) is a faithful minimal copy of TRL 1.16's `GRPOTrainer` generation path with `use_vllm=False` (the "
         "`GenerationConfig` of `grpo_trainer.py` ~1154-1175 and `_generate_single_turn` ~1763-1889): prompts repeated "
         "`num_generations` times, left-padded, one `model.generate`, cut after the first EOS; it returns no "

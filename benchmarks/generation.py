@@ -279,11 +279,18 @@ def module_generate(module: Any, prompts: list[list[int]], num_generations: int,
     )
 
 
-def summarize(completions: list[list[int]], eos_token_ids: list[int], seconds: float) -> dict[str, Any]:
-    """Completion tokens (EOS included), tokens/s, mean length and share of completions ended by EOS."""
+def summarize(
+    completions: list[list[int]], eos_token_ids: list[int], seconds: float, cpu_seconds: float
+) -> dict[str, Any]:
+    """Completion tokens (EOS included), tokens/s, mean length and share of completions ended by EOS.
+
+    `cpu_seconds` is the CPU time of the process that generated (all its threads): with 2 threads on 2 idle cores it
+    is about twice the wall time; much less means the run waited on other processes.
+    """
     tokens = sum(len(c) for c in completions)
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "tokens": tokens,
         "tokens_per_s": tokens / seconds,
         "mean_len": tokens / len(completions),
@@ -311,9 +318,9 @@ def _vllm_worker(folder: str, prompts: list[list[int]], workload: Workload, eos:
                 module_generate(module, [p[:8] for p in prompts[:2]], 2, 4)
                 conn.send({})
             elif command == "run":
-                begin = time.perf_counter()
+                begin, cpu = time.perf_counter(), time.process_time()
                 last = module_generate(module, prompts, workload.num_generations, workload.max_new_tokens)
-                conn.send(summarize(last.token_ids, eos, time.perf_counter() - begin))
+                conn.send(summarize(last.token_ids, eos, time.perf_counter() - begin, time.process_time() - cpu))
             elif command == "sample" and last is not None:
                 conn.send([(i // workload.num_generations, last.token_ids[i], last.logprobs[i]) for i in (0, 1)])
             else:
@@ -381,13 +388,17 @@ def profile_row(run: Callable[[], dict[str, Any]], name: str, top: int = 25) -> 
     stats.sort_stats("tottime").print_stats(top)
 
 
-def format_table(results: dict[str, list[dict[str, Any]]], workload: Workload) -> str:
-    """Markdown table: best-of-N tokens/s per row and the ratios against (a) and (c)."""
+def format_table(results: dict[str, list[dict[str, Any]]], workload: Workload, threads: int) -> str:
+    """Markdown table: best-of-N tokens/s per row and the ratios against (a) and (c).
+
+    In the per-run column, `*` marks a run whose CPU time was under 0.75 x `threads` x its wall time: it waited on
+    other processes (with OpenMP threads spinning at barriers, such runs can be many times slower).
+    """
     best = {row: max(runs, key=lambda r: r["tokens_per_s"]) for row, runs in results.items()}
     lines = [
-        "| row | completion tokens/s (best) | wall s (that run) | tokens (that run) | mean completion length "
-        "(all runs) | ended by EOS | vs (a) | vs (c) | tokens/s of each run |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| row | completion tokens/s (best) | wall s (that run) | CPU s (that run) | tokens (that run) | mean "
+        "completion length (all runs) | ended by EOS | vs (a) | vs (c) | tokens/s of each run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row, runs in results.items():
         r = best[row]
@@ -395,10 +406,12 @@ def format_table(results: dict[str, list[dict[str, Any]]], workload: Workload) -
         eos_share = sum(x["eos_share"] for x in runs) / len(runs)
         vs_a = r["tokens_per_s"] / best[ROW_A]["tokens_per_s"]
         vs_c = f"{r['tokens_per_s'] / best[ROW_C]['tokens_per_s']:.2f}" if ROW_C in best else "n/a"
-        each = ", ".join(f"{x['tokens_per_s']:.1f}" for x in runs)
+        each = ", ".join(
+            f"{x['tokens_per_s']:.1f}" + "*" * (x["cpu_seconds"] < 0.75 * threads * x["seconds"]) for x in runs
+        )
         lines.append(
-            f"| {row} | {r['tokens_per_s']:.1f} | {r['seconds']:.2f} | {r['tokens']} | {mean_len:.1f} / "
-            f"{workload.max_new_tokens} | {eos_share:.0%} | {vs_a:.2f} | {vs_c} | {each} |"
+            f"| {row} | {r['tokens_per_s']:.1f} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['tokens']} | "
+            f"{mean_len:.1f} / {workload.max_new_tokens} | {eos_share:.0%} | {vs_a:.2f} | {vs_c} | {each} |"
         )
     return "\n".join(lines)
 
@@ -470,18 +483,18 @@ def main() -> None:
     n, max_new = workload.num_generations, workload.max_new_tokens
 
     def run_a() -> dict[str, Any]:
-        begin = time.perf_counter()
+        begin, cpu = time.perf_counter(), time.process_time()
         completions = trl_hf_generate(model, tokenizer, prompts, n, max_new)
-        return summarize(completions, eos, time.perf_counter() - begin)
+        return summarize(completions, eos, time.perf_counter() - begin, time.process_time() - cpu)
 
     last_b: list[Any] = []
 
     def run_b() -> dict[str, Any]:
-        begin = time.perf_counter()
+        begin, cpu = time.perf_counter(), time.process_time()
         result = module_generate(hf_module, prompts, n, max_new)
-        seconds = time.perf_counter() - begin
+        seconds, cpu_seconds = time.perf_counter() - begin, time.process_time() - cpu
         last_b[:] = [result]
-        return summarize(result.token_ids, eos, seconds)
+        return summarize(result.token_ids, eos, seconds, cpu_seconds)
 
     vllm_row = VLLMRow(str(folder), prompts, workload, eos) if use_vllm else None
     runners: dict[str, Callable[[], dict[str, Any]]] = {ROW_A: run_a, ROW_B: run_b}
@@ -503,7 +516,8 @@ def main() -> None:
                 results[row].append(runners[row]())
                 r = results[row][-1]
                 print(
-                    f"  run {rep + 1}/{repeats} {row}: {r['tokens']} tokens in {r['seconds']:.2f} s = "
+                    f"  run {rep + 1}/{repeats} {row}: {r['tokens']} tokens in {r['seconds']:.2f} s "
+                    f"({r['cpu_seconds']:.2f} CPU s) = "
                     f"{r['tokens_per_s']:.1f} tokens/s, mean length {r['mean_len']:.1f}",
                     flush=True,
                 )
@@ -526,7 +540,7 @@ def main() -> None:
         tmp.cleanup()
 
     load_after = os.getloadavg()[0]
-    table = format_table(results, workload)
+    table = format_table(results, workload, torch.get_num_threads())
     print(table)
     summary = {row: [{k: round(v, 3) for k, v in r.items()} for r in runs] for row, runs in results.items()}
     print(json.dumps(summary))
@@ -543,7 +557,8 @@ def main() -> None:
         f"(EOS included); best of {repeats} timed run(s) per row after one small warm-up call, row order rotated "
         f"between runs; torch threads {torch.get_num_threads()}. Model load (HF) {hf_load_s:.1f} s, not timed. "
         f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (the machine is shared: other "
-        f"processes slow single runs, hence best-of and the per-run column).",
+        f"processes slow single runs, hence best-of and the per-run column, where `*` marks a run whose CPU s was "
+        f"under 0.75 x threads x wall s, i.e. one that waited on other processes).",
         "(a) is a faithful minimal copy of TRL 1.16's `GRPOTrainer` generation path with `use_vllm=False` (the "
         "`GenerationConfig` of `grpo_trainer.py` ~1154-1175 and `_generate_single_turn` ~1763-1889): prompts repeated "
         "`num_generations` times, left-padded, one `model.generate`, cut after the first EOS; it returns no "

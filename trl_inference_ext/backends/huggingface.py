@@ -155,7 +155,10 @@ class HuggingFaceBackend:
     @property
     def vocab_size(self) -> int:
         """Rows of the output embedding (may exceed the tokenizer's length when padded)."""
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        head = self.model.get_output_embeddings()
+        if head is not None and hasattr(head, "weight"):
+            return int(head.weight.shape[0])
+        return int(getattr(self.model.config, "vocab_size", 0) or len(self.tokenizer))
 
     @property
     def max_context_length(self) -> int | None:

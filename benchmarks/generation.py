@@ -404,14 +404,14 @@ def format_table(results: dict[str, list[dict[str, Any]]], workload: Workload, t
         r = best[row]
         mean_len = sum(x["tokens"] for x in runs) / sum(x["sequences"] for x in runs)
         eos_share = sum(x["eos_share"] for x in runs) / len(runs)
-        vs_a = r["tokens_per_s"] / best[ROW_A]["tokens_per_s"]
+        vs_a = f"{r['tokens_per_s'] / best[ROW_A]['tokens_per_s']:.2f}" if ROW_A in best else "n/a"
         vs_c = f"{r['tokens_per_s'] / best[ROW_C]['tokens_per_s']:.2f}" if ROW_C in best else "n/a"
         each = ", ".join(
             f"{x['tokens_per_s']:.1f}" + "*" * (x["cpu_seconds"] < 0.75 * threads * x["seconds"]) for x in runs
         )
         lines.append(
             f"| {row} | {r['tokens_per_s']:.1f} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['tokens']} | "
-            f"{mean_len:.1f} / {workload.max_new_tokens} | {eos_share:.0%} | {vs_a:.2f} | {vs_c} | {each} |"
+            f"{mean_len:.1f} / {workload.max_new_tokens} | {eos_share:.0%} | {vs_a} | {vs_c} | {each} |"
         )
     return "\n".join(lines)
 
@@ -424,6 +424,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 2, 5 with --quick)")
     parser.add_argument("--eos-prob", type=float, default=None, help="planted per-step EOS probability (random)")
     parser.add_argument("--no-vllm", action="store_true", help="skip row (c)")
+    parser.add_argument("--rows", default="abc", help="rows to time, e.g. 'bc' (default 'abc'; (b) always runs)")
     parser.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -437,7 +438,7 @@ def main() -> None:
     from trl_inference_ext import InferenceModule
 
     repeats = args.repeats or (5 if args.quick else 2)
-    use_vllm = not args.no_vllm and importlib.util.find_spec("vllm") is not None
+    use_vllm = "c" in args.rows and not args.no_vllm and importlib.util.find_spec("vllm") is not None
     tmp = tempfile.TemporaryDirectory(prefix="generation_bench_")
     notes: list[str] = []
     if args.model == "smollm2":
@@ -497,7 +498,8 @@ def main() -> None:
         return summarize(result.token_ids, eos, seconds, cpu_seconds)
 
     vllm_row = VLLMRow(str(folder), prompts, workload, eos) if use_vllm else None
-    runners: dict[str, Callable[[], dict[str, Any]]] = {ROW_A: run_a, ROW_B: run_b}
+    runners: dict[str, Callable[[], dict[str, Any]]] = {ROW_A: run_a} if "a" in args.rows else {}
+    runners[ROW_B] = run_b  # the correctness guard needs it
     if vllm_row is not None:
         runners[ROW_C] = lambda: vllm_row.ask("run")
     try:
@@ -549,7 +551,7 @@ def main() -> None:
         f"torch threads in its process {vllm_row.info['threads']}; its sampled log-probs differ from HF "
         f"`get_logprobs` by at most {diff_c:.1e} on 2 sequences (information only)."
         if vllm_row is not None
-        else "(c) not run (`--no-vllm` or vLLM not installed)."
+        else "(c) not run (`--no-vllm`, `--rows` without c, or vLLM not installed)."
     )
     notes += [
         f"Workload: {workload.num_prompts} prompts (lengths {lengths[0]}-{lengths[-1]}) x {n} samples, up to "

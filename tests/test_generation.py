@@ -121,3 +121,16 @@ def test_sampled_logprobs_equal_scoring(inference, sampling):
         assert mask[i].sum().item() == n
         torch.testing.assert_close(scored[i, :n], lp, atol=1e-4, rtol=0)
         assert torch.all(torch.isfinite(lp))
+
+
+def test_inverse_cdf_sampler_matches_the_distribution():
+    from trl_inference_ext.backends.hf_decoding import sample_from_logits
+
+    logits = torch.tensor([[2.0, 0.0, float("-inf"), 1.0, -1.0]]).repeat(40_000, 1)
+    generator = torch.Generator().manual_seed(0)
+    draws = sample_from_logits(logits, generator)
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.01, rtol=0)
+    assert freq[2] == 0  # a masked token is never drawn
+    again = sample_from_logits(logits[:100], torch.Generator().manual_seed(0))
+    assert torch.equal(again, draws[:100])  # seeded

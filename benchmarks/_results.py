@@ -10,8 +10,19 @@ import shlex
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+QWEN2_0_5B: dict[str, Any] = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
+"""Qwen2-0.5B's shape (all but `num_hidden_layers`), for random-weight models built offline."""
 
 
 def versions(*packages: str) -> str:

@@ -44,19 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks._results import append_results
+from benchmarks._results import QWEN2_0_5B, append_results
 
 ROW_A, ROW_B, ROW_C = "(a) TRL HF generate", "(b) InferenceModule HF", "(c) InferenceModule vLLM"
 LOGPROB_TOLERANCE = 1e-4
-QWEN2_0_5B: dict[str, Any] = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    tie_word_embeddings=True,
-)
 QUICK_SHAPE: dict[str, Any] = dict(
     vocab_size=8192,
     hidden_size=256,

@@ -24,18 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._results import append_results, current_rss_mib, peak_rss_mib
+from benchmarks._results import QWEN2_0_5B, append_results, current_rss_mib, peak_rss_mib
 
 ROWS = ("log_softmax.gather", "trl selective_log_softmax", "InferenceModule.get_logprobs")
-QWEN2_0_5B = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    tie_word_embeddings=True,
-)
 
 
 def _run(row: str, batch: int, seq: int, layers: int, repeats: int, queue: mp.Queue) -> None:

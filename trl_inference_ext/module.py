@@ -308,16 +308,9 @@ class InferenceModule:
         """
         if not hasattr(self.backend, "reference_context"):
             raise ValueError(f"The {self.backend.name!r} backend cannot toggle adapters; use the huggingface backend.")
-        from .backends.adapters import adapter_names, is_peft_model
+        from .backends.adapters import check_reference
 
-        model = getattr(self.backend, "model", None)
-        if not is_peft_model(model):
-            raise ValueError(
-                "`reference()` needs a PEFT model: without adapters the reference would be the policy itself. Wrap "
-                "the model with a LoRA adapter, or score with a separate frozen `InferenceModule`."
-            )
-        if adapter_name is not None and adapter_name not in adapter_names(model):
-            raise ValueError(f"`adapter_name` must be one of {adapter_names(model)}, got {adapter_name!r}.")
+        check_reference(getattr(self.backend, "model", None), adapter_name)  # fail here, before any scoring call
         return ReferenceScorer(self, adapter_name)
 
     # ------------------------------------------------------------------------------------------------ tools

@@ -40,6 +40,23 @@ def adapter_state(model: Any) -> tuple[Any, ...]:
     return ()
 
 
+def check_reference(model: Any, adapter_name: str | None = None) -> None:
+    """Checks that `model` has adapters to toggle and that `adapter_name` (if given) is one of them.
+
+    Raises:
+        ValueError: If `model` has no adapters (the reference would be the policy itself) or `adapter_name` is
+            unknown.
+    """
+    if not is_peft_model(model):
+        raise ValueError(
+            "`reference()` needs a PEFT model: without adapters the reference would be the policy itself. Wrap the "
+            "model with a LoRA adapter (`peft_config=`), or score with a separate frozen `InferenceModule`."
+        )
+    names = adapter_names(model)
+    if adapter_name is not None and adapter_name not in names:
+        raise ValueError(f"`adapter_name` must be one of {names}, got {adapter_name!r}.")
+
+
 @contextmanager
 def reference_adapters(model: Any, adapter_name: str | None = None) -> Iterator[None]:
     """Runs the block with the reference policy: adapters disabled, or `adapter_name` active.
@@ -53,14 +70,7 @@ def reference_adapters(model: Any, adapter_name: str | None = None) -> Iterator[
     Raises:
         ValueError: If `model` has no adapters or `adapter_name` is unknown.
     """
-    if not is_peft_model(model):
-        raise ValueError(
-            "`reference()` needs a PEFT model: without adapters the reference would be the policy itself. Wrap the "
-            "model with a LoRA adapter (`peft_config=`), or score with a separate frozen `InferenceModule`."
-        )
-    names = adapter_names(model)
-    if adapter_name is not None and adapter_name not in names:
-        raise ValueError(f"`adapter_name` must be one of {names}, got {adapter_name!r}.")
+    check_reference(model, adapter_name)
     peft_cls = _peft_model_class()
     is_peft_wrapper = peft_cls is not None and isinstance(model, peft_cls)
     if adapter_name is None:

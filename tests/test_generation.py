@@ -134,3 +134,50 @@ def test_inverse_cdf_sampler_matches_the_distribution():
     assert freq[2] == 0  # a masked token is never drawn
     again = sample_from_logits(logits[:100], torch.Generator().manual_seed(0))
     assert torch.equal(again, draws[:100])  # seeded
+
+
+def test_length_buckets_bound_padding():
+    from trl_inference_ext.backends.hf_decoding import length_buckets
+
+    lengths = [320, 128, 384, 192, 64, 256, 512, 448, 500]
+    buckets = length_buckets(lengths, ratio=0.8)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    for bucket in buckets:
+        longest = max(lengths[i] for i in bucket)
+        assert lengths[bucket[0]] == longest and all(lengths[i] >= 0.8 * longest for i in bucket)
+    assert buckets[0] == [6, 8, 7]
+    assert length_buckets([10, 10, 9]) == [[0, 1, 2]]
+
+
+def test_bucketed_prefill_matches_prompts_run_alone(inference):
+    """Mixed lengths (several prefill buckets, one merged cache) give what each prompt gives alone."""
+    prompts = ["hi", "what is one plus two and then three and four and five", "tell me about the weather"]
+    together = inference.generate(prompts, max_new_tokens=8, do_sample=False, return_logprobs=True)
+    for i, prompt in enumerate(prompts):
+        alone = inference.generate([prompt], max_new_tokens=8, do_sample=False, return_logprobs=True)
+        assert alone.token_ids[0] == together.token_ids[i]
+        torch.testing.assert_close(alone.logprobs[0], together.logprobs[i], atol=1e-5, rtol=0)
+
+
+def test_sliding_window_model_keeps_the_padded_prefill(tiny_model_dir, tmp_path):
+    """A model whose cache has sliding-window layers is prefilled in one padded batch and still scores exactly."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from trl_inference_ext.backends.hf_decoding import _uses_plain_dynamic_cache
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=6, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    assert not _uses_plain_dynamic_cache(model)
+    module = InferenceModule.from_model(model, tokenizer)
+    prompts = ["hi", "what is one plus two and then three and four and five and six"]
+    result = module.generate(prompts, max_new_tokens=10, temperature=0.9, seed=0, return_logprobs=True)
+    with torch.no_grad():
+        scored = module.get_logprobs(result.metadata["prompt_token_ids"], result.token_ids, temperature=0.9)
+    for i, logprobs in enumerate(result.logprobs):
+        torch.testing.assert_close(scored[i, : len(logprobs)], logprobs, atol=1e-4, rtol=0)

@@ -88,6 +88,7 @@ def build_tiny_model(
     num_layers: int = 2,
     num_heads: int = 2,
     max_position_embeddings: int = 1024,
+    num_key_value_heads: int | None = None,
 ) -> Path:
     """Builds and saves a tiny Llama-architecture causal LM with its tokenizer.
 
@@ -99,6 +100,7 @@ def build_tiny_model(
         num_layers (`int`, *optional*, defaults to 2): Number of decoder layers.
         num_heads (`int`, *optional*, defaults to 2): Number of attention heads.
         max_position_embeddings (`int`, *optional*, defaults to 1024): Context length.
+        num_key_value_heads (`int`, *optional*): Key/value heads (grouped-query attention); defaults to `num_heads`.
 
     Returns:
         `Path`: The folder, loadable with `from_pretrained` (and by vLLM when the head size is >= 32).
@@ -115,7 +117,7 @@ def build_tiny_model(
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_key_value_heads=num_key_value_heads or num_heads,
         max_position_embeddings=max_position_embeddings,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,

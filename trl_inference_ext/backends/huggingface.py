@@ -196,6 +196,7 @@ class HuggingFaceBackend:
             device=self.device,
             max_context_length=self.max_context_length,
             stop_checker=self._stop_checker(sampling.stop),
+            hidden_path=self._hidden_path(),
         )
         # Gradient checkpointing turns the KV cache off in training mode; rollouts run in eval mode, then restore.
         was_training = self.model.training

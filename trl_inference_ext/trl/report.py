@@ -19,20 +19,27 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / len(values))
 
 
-def training_report(log_history: list[dict[str, Any]], recorder: RolloutRecorder, window: int = 3) -> dict[str, Any]:
+def training_report(
+    log_history: list[dict[str, Any]], recorder: RolloutRecorder, window: int | None = None
+) -> dict[str, Any]:
     """Summarises a run from `trainer.state.log_history` and the rollout statistics.
 
     Args:
         log_history (`list[dict]`): The trainer's log history (one entry per logged step).
         recorder (`RolloutRecorder`): The recorder that wrapped the run's `rollout_func`.
-        window (`int`, *optional*, defaults to 3): Steps averaged at the start and at the end.
+        window (`int`, *optional*): Steps averaged at the start and at the end; defaults to a quarter of the steps
+            (at least 1), since a single step's reward is a mean over a handful of completions.
 
     Returns:
-        `dict`: `reward_start`/`reward_end` (mean, standard error), `reward_rise_significant` (the rise exceeds the
-        combined standard error), `call_rate_*`, `validity_*`, `kl_end`, `tokens_per_second`, `steps`.
+        `dict`: `reward_start`/`reward_end` (mean, standard error over the window's steps),
+        `reward_rise_significant` (the rise exceeds the combined standard error), `call_rate_*` (completions with a
+        call), `validity_*` (calls that were well formed), `success_*` (calls that ran without error: known tool,
+        valid arguments), `kl_end`, `tokens_per_second`, `steps`.
     """
     rewards = [float(e["reward"]) for e in log_history if "reward" in e]
     kls = [float(e["kl"]) for e in log_history if "kl" in e]
+    if window is None:
+        window = len(rewards) // 4
     window = max(1, min(window, len(rewards) // 2 or 1))
     start, end = _mean_se(rewards[:window]), _mean_se(rewards[-window:])
     combined = math.hypot(start[1], end[1]) if not math.isnan(start[1] + end[1]) else math.inf
@@ -49,6 +56,8 @@ def training_report(log_history: list[dict[str, Any]], recorder: RolloutRecorder
         "call_rate_end": _mean_se([s.call_rate for s in last])[0],
         "validity_start": _mean_se([s.validity for s in first])[0],
         "validity_end": _mean_se([s.validity for s in last])[0],
+        "success_start": _mean_se([s.success for s in first])[0],
+        "success_end": _mean_se([s.success for s in last])[0],
         "kl_end": kls[-1] if kls else math.nan,
         "tokens_per_second": recorder.tokens_per_second,
     }
@@ -62,7 +71,8 @@ def format_report(report: dict[str, Any], adapter_dir: str | Path, plot_path: st
         f"Steps: {report['steps']} (start/end = mean of the first/last {report['window']} steps)",
         f"Reward: {s_mean:.3f} ± {s_se:.3f} -> {e_mean:.3f} ± {e_se:.3f}: {verdict}",
         f"Tool-call rate: {report['call_rate_start']:.2f} -> {report['call_rate_end']:.2f}; "
-        f"well-formed calls: {report['validity_start']:.2f} -> {report['validity_end']:.2f}",
+        f"well-formed calls: {report['validity_start']:.2f} -> {report['validity_end']:.2f}; "
+        f"calls that ran: {report['success_start']:.2f} -> {report['success_end']:.2f}",
         f"KL to the adapter-off reference (last step): {report['kl_end']:.4f}",
         f"Generation: {report['tokens_per_second']:.1f} model tokens/s",
         f"Adapter saved to: {adapter_dir}",
@@ -72,8 +82,14 @@ def format_report(report: dict[str, Any], adapter_dir: str | Path, plot_path: st
     return "\n".join(lines)
 
 
-def plot_rewards(log_history: list[dict[str, Any]], path: str | Path) -> Path:
-    """Saves the per-step reward (and each reward function's mean) as a PNG."""
+def plot_rewards(log_history: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Saves the per-step reward (and each reward function's mean, unweighted) as a PNG.
+
+    Args:
+        log_history (`list[dict]`): The trainer's log history.
+        path (`str` or `Path`): Where to write the PNG.
+        title (`str`, *optional*): Plot title, e.g. how the total is weighted.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,6 +104,8 @@ def plot_rewards(log_history: list[dict[str, Any]], path: str | Path) -> Path:
         ax.plot(steps, [e.get(key, math.nan) for e in entries], linestyle="--", label=key[len("rewards/") : -5])
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("mean reward")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

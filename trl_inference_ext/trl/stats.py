@@ -19,6 +19,7 @@ class RolloutStep:
     with_call: int
     calls: int
     valid_calls: int
+    successful_calls: int = 0
 
     @property
     def call_rate(self) -> float:
@@ -29,6 +30,11 @@ class RolloutStep:
     def validity(self) -> float:
         """Fraction of calls that were well formed (0 when there were none)."""
         return self.valid_calls / self.calls if self.calls else 0.0
+
+    @property
+    def success(self) -> float:
+        """Fraction of calls that ran without error (known tool, valid arguments; 0 when there were none)."""
+        return self.successful_calls / self.calls if self.calls else 0.0
 
 
 @dataclass
@@ -49,6 +55,7 @@ class RolloutRecorder:
         seconds = time.perf_counter() - start
         calls = out.get("tool_calls") or [[] for _ in out["completion_ids"]]
         masks = out.get("env_mask") or [[1] * len(c) for c in out["completion_ids"]]
+        results = out.get("tool_results") or []
         self.steps.append(
             RolloutStep(
                 step=int(trainer.state.global_step),
@@ -58,6 +65,7 @@ class RolloutRecorder:
                 with_call=sum(1 for c in calls if c),
                 calls=sum(len(c) for c in calls),
                 valid_calls=sum(1 for c in calls for call in c if call.get("status") == "ok"),
+                successful_calls=sum(1 for r in results for result in r if result.get("ok")),
             )
         )
         return out

@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # (WITH_VLLM=0 skips it; on a GPU machine install the official `vllm` package yourself).
 WITH_VLLM ?= $(shell [ "$$(uname -s)-$$(uname -m)" = Linux-x86_64 ] && ! command -v nvidia-smi >/dev/null 2>&1 && echo 1 || echo 0)
 
-.PHONY: install lint test demo examples clean
+.PHONY: install lint test demo evaluate examples clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ test: lint
 # GRPO + LoRA + calculator tool on the embedded SmolLM2-135M-Instruct (or MODEL=/path/to/any/causal-lm).
 demo: install
 	$(PY) recipes/grpo_tools.py --config recipes/demo.yaml $(if $(MODEL),--model $(MODEL),)
+
+# The demo's adapter against the base model on held-out problems (ADAPTER=dir to pick another run).
+evaluate: install
+	$(PY) recipes/evaluate_tools.py --model $(or $(MODEL),default) --adapter $(or $(ADAPTER),outputs/demo)
 
 examples: install
 	$(PY) examples/inference_examples.py $(if $(MODEL),--model $(MODEL),)

@@ -133,7 +133,10 @@ def main() -> None:
 
         history = trainer.state.log_history
         report = training_report(history, recorder)
-        plot = plot_rewards(history, output_dir / "reward_curve.png")
+        weights = training_args.reward_weights
+        name = "SmolLM2-135M-Instruct" if args.model == "default" else Path(args.model).name
+        title = f"GRPO + LoRA, {name}: total = {weights[0]:g} x correct answer + {weights[1]:g} x valid call"
+        plot = plot_rewards(history, output_dir / "reward_curve.png", title=title)
         with open(output_dir / "metrics.json", "w") as f:
             json.dump({"log_history": history, "report": report}, f, indent=1, default=str)
         print("\n" + format_report(report, output_dir, plot))

@@ -81,3 +81,19 @@ def test_generation_cache_respects_adapter_state(peft_module):
         without = peft_module.generate(PROMPTS, max_new_tokens=6, do_sample=False)
     assert not without.metadata["cached"]
     assert peft_module.generate(PROMPTS, max_new_tokens=6, do_sample=False).token_ids == with_adapter.token_ids
+
+
+def test_base_model_and_hidden_path_see_through_peft(tiny_model_dir):
+    from trl_inference_ext.backends.adapters import base_model
+    from trl_inference_ext.backends.huggingface import hidden_path
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert base_model(wrapped) is model and base_model(model) is model
+    decoder, head = hidden_path(wrapped)
+    assert decoder is model.get_decoder() and head is model.get_output_embeddings()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(head(decoder(input_ids=ids).last_hidden_state), wrapped(input_ids=ids).logits)
+    model.config.logit_scale = 2.0  # logits would no longer be lm_head(decoder(...))
+    assert hidden_path(wrapped) is None

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends.huggingface import _LOGIT_TRANSFORM_ATTRS
+from .backends.huggingface import hidden_path
 from .scoring import kl_penalty, logprobs_from_hidden, selective_logprobs
 
 
@@ -202,16 +202,15 @@ class PolicyWithValueHead(nn.Module):
             of the states before each of them, both right-padded with 0.
         """
         input_ids, attention, positions, targets, mask = self._pack(prompt_ids, response_ids)
-        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        config = causal_lm.config
-        if any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORM_ATTRS):
+        path = hidden_path(self.model)
+        if path is None:
             # logits are not `lm_head(hidden)` (soft-capping, scaling): score from the model's own logits
             out = self.model(input_ids=input_ids, attention_mask=attention, output_hidden_states=True)
             hidden = _gather(out.hidden_states[-1], positions)
             logprobs = selective_logprobs(_gather(out.logits, positions), targets, temperature)
         else:
-            head = causal_lm.get_output_embeddings()
-            hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            decoder, head = path
+            hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
             hidden = _gather(hidden, positions)
             logprobs = logprobs_from_hidden(hidden, head, targets, temperature, vocab_size=head.weight.shape[0])
         return logprobs.masked_fill(~mask, 0.0), self.value_head(hidden).masked_fill(~mask, 0.0)

@@ -23,6 +23,11 @@ def is_peft_model(model: Any) -> bool:
     )
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (`model` itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def adapter_names(model: Any) -> list[str]:
     """Names of the adapters attached to `model` (empty for a plain model)."""
     config = getattr(model, "peft_config", None)

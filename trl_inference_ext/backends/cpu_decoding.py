@@ -29,6 +29,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .adapters import base_model
+
 GROUPED_SDPA = "trl_inference_ext_grouped_sdpa"
 WEIGHT_MAJOR_MAX_ROWS = 64
 WEIGHT_MAJOR_MIN_NUMEL = 1 << 20
@@ -134,7 +136,7 @@ def cpu_decoding(model: Any, linear_scope: torch.nn.Module | None = None) -> Ite
         linear_scope (`torch.nn.Module`, *optional*): The part of the model whose linear layers run inside the block
             (e.g. the decoder, when the caller applies the LM head itself with `project_to_vocab`).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     first = next(base.parameters(), None)
     if first is None or first.device.type != "cpu":
         yield

@@ -24,6 +24,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..scoring import process_logits
 from ..types import SamplingConfig
+from .adapters import base_model
 from .base import SequenceOutput
 from .cpu_decoding import cpu_decoding, project_to_vocab
 
@@ -63,8 +64,7 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None =
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(base_model(model).forward).parameters
 
 
 def _left_pad(prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +106,8 @@ def length_buckets(lengths: list[int], ratio: float = BUCKET_RATIO) -> list[list
 
 def _uses_plain_dynamic_cache(model: Any) -> bool:
     """Whether the model's default cache is made of plain `DynamicLayer`s (no sliding window, no hybrid layers)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        layers = DynamicCache(config=base.config).layers
+        layers = DynamicCache(config=base_model(model).config).layers
     except Exception:  # a config that DynamicCache cannot read: keep the padded prefill
         return False
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)

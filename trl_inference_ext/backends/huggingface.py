@@ -50,6 +50,26 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def hidden_path(model: Any) -> tuple[Any, Any] | None:
+    """`(decoder, lm_head)` of a causal LM whose logits are exactly `lm_head(decoder(...))`, else `None`.
+
+    Callers that need only some positions' logits (scoring, sampling) run the decoder and apply the head themselves;
+    models that soft-cap or scale their logits (see `_LOGIT_TRANSFORM_ATTRS`) must go through their own forward.
+
+    Args:
+        model (`torch.nn.Module`): A transformers causal LM, possibly PEFT-wrapped.
+    """
+    causal_lm = adapters.base_model(model)
+    config = getattr(causal_lm, "config", None)
+    if any(getattr(config, attr, None) not in (None, 1, 1.0) for attr in _LOGIT_TRANSFORM_ATTRS):
+        return None
+    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
+    head = causal_lm.get_output_embeddings()
+    if decoder is None or head is None or decoder is causal_lm:
+        return None
+    return decoder, head
+
+
 def _unwrap(model: Any) -> Any:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP / DeepSpeed engines
         model = model.module
@@ -196,7 +216,7 @@ class HuggingFaceBackend:
             device=self.device,
             max_context_length=self.max_context_length,
             stop_checker=self._stop_checker(sampling.stop),
-            hidden_path=self._hidden_path(),
+            hidden_path=hidden_path(self.model),
         )
         # Gradient checkpointing turns the KV cache off in training mode; rollouts run in eval mode, then restore.
         was_training = self.model.training
@@ -246,24 +266,12 @@ class HuggingFaceBackend:
             target_mask.to(device),
         )
 
-    def _hidden_path(self) -> tuple[Any, Any] | None:
-        """(decoder, lm_head) when logits are exactly `lm_head(decoder(...))`, else `None`."""
-        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        config = getattr(causal_lm, "config", None)
-        if any(getattr(config, attr, None) not in (None, 1, 1.0) for attr in _LOGIT_TRANSFORM_ATTRS):
-            return None
-        decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
-        head = causal_lm.get_output_embeddings()
-        if decoder is None or head is None or decoder is causal_lm:
-            return None
-        return decoder, head
-
     def score_logprobs(
         self, prompt_ids: list[list[int]], response_ids: list[list[int]], scoring: ScoringConfig
     ) -> torch.Tensor:
         """`[B, T]` log-probs of response tokens; gradients flow when called with grad enabled."""
         input_ids, attention, positions, targets, target_mask = self._pack(prompt_ids, response_ids)
-        path = self._hidden_path()
+        path = hidden_path(self.model)
         if path is not None:
             decoder, head = path
             hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state

@@ -101,5 +101,9 @@ class HermesParser(ToolParser):
             if len(calls) >= MAX_CALLS:
                 break
             start = skip_space(view, block.body_start, block.body_end)
-            calls.extend(parse_json_block(text, view, block, start, max_calls=MAX_CALLS - len(calls)))
+            calls.extend(self._parse_body(text, view, block, start, MAX_CALLS - len(calls)))
         return calls
+
+    def _parse_body(self, text: str, view: str, block: Block, start: int, max_calls: int) -> list[ToolCall]:
+        """The calls of one `<tool_call>` block whose body starts (after white space) at `start`."""
+        return parse_json_block(text, view, block, start, max_calls=max_calls)

@@ -25,10 +25,9 @@ from typing import Any
 
 from ...types import ToolCall
 from ._decode import make_call
-from ._scan import Block, iter_blocks, rstrip_end, skip_space
+from ._scan import Block, rstrip_end
 from ._schema import convert_value
-from .base import MAX_CALLS, ToolParser
-from .hermes import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_json_block
+from .hermes import TOOL_CALL_OPEN, HermesParser
 
 FUNCTION_OPEN = "<function="
 FUNCTION_CLOSE = "</function>"
@@ -61,22 +60,18 @@ def _read_name(view: str, start: int, end: int) -> tuple[str, int]:
     return name, close + 1
 
 
-class Qwen3XmlParser(ToolParser):
-    """Parses `<tool_call><function=NAME><parameter=KEY>VALUE</parameter></function></tool_call>` blocks."""
+class Qwen3XmlParser(HermesParser):
+    """Parses `<tool_call><function=NAME><parameter=KEY>VALUE</parameter></function></tool_call>` blocks.
+
+    The blocks are found as Hermes finds them; a body that is JSON is read as Hermes reads it.
+    """
 
     name = "qwen3_xml"
 
-    def _parse(self, text: str, view: str) -> list[ToolCall]:
-        calls: list[ToolCall] = []
-        for block in iter_blocks(view, TOOL_CALL_OPEN, TOOL_CALL_CLOSE, json_bodies=True):
-            if len(calls) >= MAX_CALLS:
-                break
-            start = skip_space(view, block.body_start, block.body_end)
-            if view.startswith(("{", "[", "```"), start, block.body_end):
-                calls.extend(parse_json_block(text, view, block, start, max_calls=MAX_CALLS - len(calls)))
-            else:
-                calls.append(self._parse_block(text, view, block, start))
-        return calls
+    def _parse_body(self, text: str, view: str, block: Block, start: int, max_calls: int) -> list[ToolCall]:
+        if view.startswith(("{", "[", "```"), start, block.body_end):
+            return super()._parse_body(text, view, block, start, max_calls)
+        return [self._parse_block(text, view, block, start)]
 
     def _parse_block(self, text: str, view: str, block: Block, start: int) -> ToolCall:
         body_end = block.body_end

@@ -180,11 +180,12 @@ def main() -> None:
         tool_parser = get_parser(name)
         samples, expected = realistic_samples(name, count)
         size = sum(len(sample.encode()) for sample in samples)
-        found = sum(len([call for call in tool_parser.parse(sample) if call.ok]) for sample in samples)
-        cpu, wall = _best_time(lambda p=tool_parser, s=samples: [p.parse(x) for x in s], repeats)
+        found = sum(len([call for call in tool_parser.parse(sample, strict=True) if call.ok]) for sample in samples)
+        cpu, wall = _best_time(lambda p=tool_parser, s=samples: [p.parse(x, strict=True) for x in s], repeats)
         realistic = size / MB / cpu
         timings = {
-            key: _best_time(lambda p=tool_parser, t=text: p.parse(t), repeats)[0] for key, text in adversarial.items()
+            key: _best_time(lambda p=tool_parser, t=text: p.parse(t, strict=True), repeats)[0]
+            for key, text in adversarial.items()
         }
         worst = max(timings, key=timings.__getitem__)
         worst_mb_s = len(adversarial[worst].encode()) / MB / timings[worst]

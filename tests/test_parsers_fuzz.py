@@ -1,7 +1,8 @@
 """Property-based tests of the tool-call parsers: random text built from fragments of every format.
 
 Whatever the input, every parser returns a list of `ToolCall`s in order, with `text[start:end] == raw_text`, known
-statuses, and a non-empty name and a dict of arguments for every `ok` call; JSON arguments round-trip exactly.
+statuses, and a non-empty name and a dict of arguments for every `ok` call; JSON arguments round-trip exactly. Every
+parse is strict (`parse(text, strict=True)`), so a parser that raises fails these tests instead of returning no calls.
 """
 
 from __future__ import annotations
@@ -54,15 +55,15 @@ def check(text: str, calls: list[ToolCall]) -> None:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=fragment_text)
 def test_fragment_soup_never_breaks_a_parser(name, text):
-    check(text, PARSERS[name].parse(text))
-    check(text, PARSERS_WITH_SCHEMAS[name].parse(text))
+    check(text, PARSERS[name].parse(text, strict=True))
+    check(text, PARSERS_WITH_SCHEMAS[name].parse(text, strict=True))
 
 
 @pytest.mark.parametrize("name", PARSER_NAMES)
 @settings(max_examples=100, deadline=None)
 @given(text=st.text(max_size=300))
 def test_arbitrary_text_never_breaks_a_parser(name, text):
-    check(text, PARSERS[name].parse(text))
+    check(text, PARSERS[name].parse(text, strict=True))
 
 
 # Argument strings may hold the formats' own markup; only reasoning tags are left out (they are blanked everywhere).
@@ -105,6 +106,6 @@ def render(fmt: str, parsed: list[tuple[str, dict[str, Any]]]) -> str:
 @given(parsed=calls, prefix=st.sampled_from(["", "Sure! ", "Let me check (quickly).\n"]))
 def test_rendered_calls_round_trip(fmt, parsed, prefix):
     text = prefix + render(fmt, parsed)
-    result = PARSERS[fmt.split("_v")[0]].parse(text)
+    result = PARSERS[fmt.split("_v")[0]].parse(text, strict=True)
     check(text, result)
     assert [(call.name, call.arguments, call.status) for call in result] == [(n, a, "ok") for n, a in parsed]

@@ -158,4 +158,4 @@ def test_auto_parser_reads_every_format(parse, fmt):
 def test_parse_never_raises_on_odd_input(fmt):
     parser = get_parser(fmt)
     for text in (None, 5, b"bytes", "\x00", "<", "{", "(", "[TOOL_CALLS]", "<tool_call>", "<invoke", "\ud800"):
-        assert isinstance(parser.parse(text), list)  # type: ignore[arg-type]
+        assert isinstance(parser.parse(text, strict=True), list)  # type: ignore[arg-type]

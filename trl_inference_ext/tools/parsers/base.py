@@ -2,7 +2,8 @@
 
 Parsers run on untrusted model output, so `ToolParser.parse` never raises: it caps the input size, hides reasoning
 (`<think>...</think>`) from the format-specific `_parse`, sorts the calls by position, caps their number, and turns
-any unexpected exception into an empty result (logged).
+any unexpected exception into an empty result (logged). `parse(text, strict=True)` does the same but lets such an
+exception propagate: tests and benchmarks use it, so that a parser bug fails them instead of passing as "no calls".
 """
 
 from __future__ import annotations
@@ -41,26 +42,36 @@ class ToolParser(ABC):
     def __init__(self, *, tool_schemas: ToolSchemas | None = None) -> None:
         self.tool_properties = index_tool_schemas(tool_schemas)
 
-    def parse(self, text: str) -> list[ToolCall]:
+    def parse(self, text: str, *, strict: bool = False) -> list[ToolCall]:
         """Returns every tool call in `text`, in order of position.
 
         Malformed calls are included with their `status` and `error`; valid calls next to them are kept. Text
-        inside `<think>...</think>` is ignored, and so is text past `MAX_INPUT_CHARS`. Never raises.
+        inside `<think>...</think>` is ignored, and so is text past `MAX_INPUT_CHARS`.
 
         Args:
-            text (`str`): The model output.
+            text (`str`): The model output (anything else gives no calls).
+            strict (`bool`, *optional*, defaults to `False`): Let an exception raised inside the parser propagate.
+                By default it is logged as a warning and no calls are returned, so that a parser bug can never stop
+                a training run; tests and benchmarks pass `strict=True` so that such a bug fails them.
 
         Returns:
             `list[ToolCall]`: The calls, with `text[call.start_pos:call.end_pos] == call.raw_text`.
+
+        Raises:
+            Exception: Only with `strict=True`, whatever the parser raised (never on well-behaved code: malformed
+                model output is reported through the calls' `status`, not by raising).
         """
         if not isinstance(text, str) or not text:
             return []
         text = text[:MAX_INPUT_CHARS]
-        try:
+        if strict:
             calls = self._parse(text, blank_think(text))
-        except Exception:
-            logger.warning("The %r tool parser failed; returning no calls.", self.name, exc_info=True)
-            return []
+        else:
+            try:
+                calls = self._parse(text, blank_think(text))
+            except Exception:
+                logger.warning("The %r tool parser failed; returning no calls.", self.name, exc_info=True)
+                return []
         calls.sort(key=lambda call: call.start_pos)
         return calls[:MAX_CALLS]
 

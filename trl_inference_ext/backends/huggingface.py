@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -14,6 +15,7 @@ from ..types import SamplingConfig
 from . import adapters
 from .base import ScoringConfig, SequenceOutput
 from .hf_decoding import DecodeSpec, sample
+from .options import check_options
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,26 @@ class HuggingFaceBackend:
 
     name = "huggingface"
 
+    LOADER_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "cache_dir",
+        "gguf_file",
+        "local_files_only",
+        "low_cpu_mem_usage",
+        "quantization_config",
+        "revision",
+        "subfolder",
+        "token",
+        "use_safetensors",
+        "variant",
+    )
+    """Arguments of transformers' `from_pretrained` that `from_pretrained` passes through."""
+
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """Every keyword `from_pretrained` accepts: its own options and `LOADER_OPTIONS`."""
+        own = inspect.signature(cls.from_pretrained).parameters
+        return frozenset(n for n, p in own.items() if p.kind is p.KEYWORD_ONLY) | frozenset(cls.LOADER_OPTIONS)
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -125,8 +147,13 @@ class HuggingFaceBackend:
             trust_remote_code (`bool`, *optional*, defaults to `False`): Passed to transformers.
             gradient_checkpointing (`bool`, *optional*, defaults to `False`): Enables gradient checkpointing.
             attn_implementation (`str`, *optional*): e.g. `"sdpa"`, `"eager"`, `"flash_attention_2"`.
-            **model_kwargs: Extra arguments for `AutoModelForCausalLM.from_pretrained`.
+            **model_kwargs: Further arguments for `AutoModelForCausalLM.from_pretrained`, among `LOADER_OPTIONS`
+                (`revision`, `cache_dir`, `local_files_only`, `quantization_config`, ...).
+
+        Raises:
+            ValueError: If an option is unknown (the message lists the valid ones) or `dtype` is not supported.
         """
+        check_options(cls.name, model_kwargs, cls.option_names())
         if dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
         target = resolve_device(device)

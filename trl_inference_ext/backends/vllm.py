@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import tempfile
@@ -28,6 +29,7 @@ import torch
 
 from ..types import SamplingConfig
 from .base import ScoringConfig, SequenceOutput
+from .options import check_options
 from .vllm_sampling import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
@@ -48,8 +50,11 @@ __all__ = [
     "MAX_TEMPERATURE",
     "MIN_TEMPERATURE",
     "VLLMBackend",
+    "VLLMEngineStartError",
     "VLLMServerError",
     "checkpoint_name",
+    "default_cpu_kv_cache_bytes",
+    "engine_memory_settings",
     "is_vllm_usable",
 ]
 
@@ -98,6 +103,108 @@ def _require_vllm() -> None:
         raise ImportError(f"The vLLM backend needs the `vllm` package. {INSTALL_HINT}")
 
 
+# ----------------------------------------------------------------------------------------------- engine memory
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+"""KV-cache budget of an in-process engine on the CPU build when no memory setting is given (1 GiB)."""
+
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+"""Share of GPU memory an engine takes when no memory setting is given (vLLM's own default)."""
+
+
+class VLLMEngineStartError(RuntimeError):
+    """The vLLM engine could not start; the message says which setting to change."""
+
+
+def _available_memory_bytes() -> int | None:
+    """`MemAvailable` of this machine in bytes, or `None` where `/proc/meminfo` cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def default_cpu_kv_cache_bytes() -> int:
+    """The KV-cache size an in-process engine gets on the CPU build when the user set none.
+
+    `DEFAULT_CPU_KV_CACHE_BYTES` (1 GiB), or a quarter of the available memory when that is less: enough for
+    thousands of tokens of a small model, and independent of what this process already holds (unlike vLLM's
+    `gpu_memory_utilization` on CPU).
+    """
+    available = _available_memory_bytes()
+    if available is None:
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    return max(64 << 20, min(DEFAULT_CPU_KV_CACHE_BYTES, available // 4))
+
+
+def engine_memory_settings(gpu_memory_utilization: float | None, kv_cache_memory_bytes: int | None) -> dict[str, Any]:
+    """The memory arguments for `vllm.LLM`: what the user gave, else a byte budget on CPU, else 0.9 of the GPU.
+
+    Args:
+        gpu_memory_utilization (`float`, *optional*): As given to `VLLMBackend`.
+        kv_cache_memory_bytes (`int`, *optional*): As given to `VLLMBackend`.
+
+    Returns:
+        `dict[str, Any]`: `gpu_memory_utilization` and/or `kv_cache_memory_bytes` keyword arguments.
+    """
+    settings: dict[str, Any] = {}
+    if gpu_memory_utilization is not None:
+        settings["gpu_memory_utilization"] = gpu_memory_utilization
+    if kv_cache_memory_bytes is not None:
+        settings["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+    if settings:
+        return settings
+    if _is_cpu_build() and not torch.cuda.is_available():
+        if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM's own CPU setting (GiB) wins when the user set it
+            return {}
+        return {"kv_cache_memory_bytes": default_cpu_kv_cache_bytes()}
+    return {"gpu_memory_utilization": DEFAULT_GPU_MEMORY_UTILIZATION}
+
+
+def backend_option_names() -> frozenset[str]:
+    """The keywords `VLLMBackend` takes itself (without the engine arguments it passes on to `vllm.LLM`)."""
+    params = inspect.signature(VLLMBackend.__init__).parameters
+    return frozenset(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY)
+
+
+@functools.lru_cache(maxsize=1)
+def engine_option_names() -> frozenset[str]:
+    """The keywords `vllm.LLM` accepts (its own and `EngineArgs`' fields), less those `VLLMBackend` sets itself.
+
+    Imports vLLM: call it only when an in-process engine is about to start.
+    """
+    import dataclasses
+
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    names |= {n for n, p in inspect.signature(LLM.__init__).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    return frozenset(names - {"self", "model"} - backend_option_names())
+
+
+def _start_failure_message(exc: BaseException, memory: Mapping[str, Any]) -> str:
+    used = ", ".join(f"{k}={v!r}" for k, v in memory.items()) or "vLLM's defaults"
+    if _is_cpu_build() and not torch.cuda.is_available():
+        advice = (
+            "On the CPU build, size the KV cache in bytes: pass `kv_cache_memory_bytes=` (e.g. 256 * 2**20) to "
+            '`VLLMBackend` / `InferenceModule(..., backend="vllm")`, lower it if memory is short, or use '
+            'backend="huggingface".'
+        )
+    else:
+        advice = (
+            "Lower `gpu_memory_utilization=` (a trainer on the same GPU needs its share) or set "
+            "`kv_cache_memory_bytes=`; `max_model_len=` also reduces the memory an engine needs."
+        )
+    text = str(exc)
+    if "memory" not in text.lower() and "kv cache" not in text.lower():
+        return f"The vLLM engine failed to start ({type(exc).__name__}: {text})."
+    return f"The vLLM engine failed to start ({type(exc).__name__}: {text}). Memory settings: {used}. {advice}"
+
+
 # ------------------------------------------------------------------------------------ in-process engine outputs
 def _entries(logprobs: Any, position: int) -> list[tuple[int, float]]:
     """(token id, log-prob) pairs at `position` of a vLLM logprobs container (list of dicts or `FlatLogprobs`)."""
@@ -139,8 +246,14 @@ class VLLMBackend:
         model_name (`str`): Model identifier or local folder (also the tokenizer's source).
         tensor_parallel_size (`int`, *optional*, defaults to 1): GPUs per engine (in-process mode).
         dtype (`str`, *optional*, defaults to `"auto"`): Weight dtype, e.g. `"auto"`, `"bfloat16"`, `"float32"`.
-        gpu_memory_utilization (`float`, *optional*, defaults to 0.9): Share of GPU memory vLLM may take (on the CPU
-            build: share of RAM for the KV cache). Lower it when a trainer shares the device.
+        gpu_memory_utilization (`float`, *optional*): Share of GPU memory vLLM may take; 0.9 on a GPU when neither
+            this nor `kv_cache_memory_bytes` is given. Lower it when a trainer shares the device. On the CPU build it
+            is a share of the NUMA node's RAM *minus what this process already holds*, so the same value starts on
+            one machine and fails on another: size the KV cache in bytes there instead.
+        kv_cache_memory_bytes (`int`, *optional*): KV-cache size in bytes (takes precedence over
+            `gpu_memory_utilization`). On the CPU build it defaults to `default_cpu_kv_cache_bytes()` (1 GiB, or a
+            quarter of the available memory when that is less) unless `gpu_memory_utilization` or the
+            `VLLM_CPU_KVCACHE_SPACE` environment variable is set.
         base_url (`str`, *optional*): URL of a running vLLM server (e.g. `"http://127.0.0.1:8000"`); switches to
             server mode.
         api_key (`str`, *optional*): Bearer token for the server (`vllm serve --api-key`).
@@ -154,7 +267,9 @@ class VLLMBackend:
 
     Raises:
         ImportError: In-process mode without vLLM installed (the message gives the install command).
-        ValueError: If an argument is out of range, or `logprobs_mode` is overridden.
+        ValueError: If an argument is out of range, `logprobs_mode` is overridden, or engine options are given
+            with `base_url` (they are the server's `vllm serve` flags there).
+        VLLMEngineStartError: If the in-process engine cannot start; the message names the memory setting to change.
     """
 
     name = "vllm"
@@ -167,7 +282,8 @@ class VLLMBackend:
         *,
         tensor_parallel_size: int = 1,
         dtype: str = "auto",
-        gpu_memory_utilization: float = 0.9,
+        gpu_memory_utilization: float | None = None,
+        kv_cache_memory_bytes: int | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         timeout: float = 600.0,
@@ -184,8 +300,18 @@ class VLLMBackend:
             or tensor_parallel_size < 1
         ):
             raise ValueError(f"`tensor_parallel_size` must be an int >= 1, got {tensor_parallel_size!r}.")
-        if not isinstance(gpu_memory_utilization, (int, float)) or not 0.0 < gpu_memory_utilization <= 1.0:
+        if gpu_memory_utilization is not None and (
+            isinstance(gpu_memory_utilization, bool)
+            or not isinstance(gpu_memory_utilization, (int, float))
+            or not 0.0 < gpu_memory_utilization <= 1.0
+        ):
             raise ValueError(f"`gpu_memory_utilization` must be in (0, 1], got {gpu_memory_utilization!r}.")
+        if kv_cache_memory_bytes is not None and (
+            isinstance(kv_cache_memory_bytes, bool)
+            or not isinstance(kv_cache_memory_bytes, int)
+            or kv_cache_memory_bytes <= 0
+        ):
+            raise ValueError(f"`kv_cache_memory_bytes` must be a positive int, got {kv_cache_memory_bytes!r}.")
         if not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(f"`timeout` must be a positive number of seconds, got {timeout!r}.")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
@@ -194,6 +320,15 @@ class VLLMBackend:
         if mode != "processed_logprobs":
             raise ValueError(
                 f"`logprobs_mode` must be 'processed_logprobs' (sampled log-probs must match scoring), got {mode!r}."
+            )
+        if not base_url and engine_kwargs:
+            _require_vllm()
+            listed = ", ".join(sorted(backend_option_names())) + ", and any `vllm.LLM` / `vllm.EngineArgs` argument"
+            check_options(self.name, engine_kwargs, engine_option_names(), listed=listed)
+        if base_url and engine_kwargs:
+            raise ValueError(
+                f"{sorted(engine_kwargs)} are options of an in-process engine; with `base_url` set them as flags of "
+                "the server (`vllm serve ...`)."
             )
         self.model_name = model_name
         self.server: VLLMServerClient | None = None
@@ -216,16 +351,20 @@ class VLLMBackend:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        self.llm = LLM(
-            model=model_name,
-            tensor_parallel_size=tensor_parallel_size,
-            dtype=cast(Any, dtype),  # vLLM validates the value and names the allowed ones
-            gpu_memory_utilization=gpu_memory_utilization,
-            seed=seed,
-            trust_remote_code=trust_remote_code,
-            logprobs_mode="processed_logprobs",
-            **engine_kwargs,
-        )
+        memory = engine_memory_settings(gpu_memory_utilization, kv_cache_memory_bytes)
+        try:
+            self.llm = LLM(
+                model=model_name,
+                tensor_parallel_size=tensor_parallel_size,
+                dtype=cast(Any, dtype),  # vLLM validates the value and names the allowed ones
+                seed=seed,
+                trust_remote_code=trust_remote_code,
+                logprobs_mode="processed_logprobs",
+                **memory,
+                **engine_kwargs,
+            )
+        except Exception as exc:
+            raise VLLMEngineStartError(_start_failure_message(exc, memory)) from exc
 
     # ----------------------------------------------------------------------------------------------- state
     @property

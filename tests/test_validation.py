@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trl_inference_ext import InferenceModule, SamplingConfig, create_inference_module
+from trl_inference_ext import InferenceModule, SamplingConfig
 
 
 @pytest.fixture
@@ -105,14 +105,3 @@ def test_sampling_config_defaults_match_original_api():
     assert config.do_sample and config.num_return_sequences == 1
     assert not config.return_logits and not config.return_logprobs
 
-
-def test_auto_backend_falls_back_to_huggingface(tiny_model_dir, caplog):
-    pytest.importorskip("torch")
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vLLM is installed; the fallback path is exercised where it is not")
-    with caplog.at_level("INFO"):
-        module = create_inference_module(tiny_model_dir, backend="auto", device="cpu", gpu_memory_utilization=0.5)
-    assert module.backend.name == "huggingface"
-    assert "huggingface" in caplog.text and "gpu_memory_utilization" in caplog.text

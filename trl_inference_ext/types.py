@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,17 @@ class GenerationResult:
     logprobs: list[torch.Tensor] | None = None
     logits: list[torch.Tensor] | None = None
     metadata: dict[str, Any] | None = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        """The number of sequences."""
+        return len(self.texts)
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterates over the texts, as the original documentation's GRPO loop does (`zip(result, mask)`).
+
+        Scoring these texts with `get_logprobs` scores the sampled ids (see `InferenceModule.get_logprobs`).
+        """
+        return iter(self.texts)
 
 
 @dataclass(frozen=True)

@@ -1,28 +1,54 @@
-"""`trl-inference generate` / `score` on a tiny model, with and without a PEFT adapter."""
+"""`trl-inference generate` / `score` on a tiny model: outputs, one-line input errors, resuming, extra columns."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from trl_inference_ext.cli import main
 
+PROMPTS = ["add two", "the city", "what is the answer", "count to ten", "name a tool"]
+GREEDY = ["--greedy", "--max-new-tokens", "5", "--batch-size", "1"]  # one prompt per call: same numerics every run
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def last_error(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1] if err else ""
+
 
 def test_generate_and_score(tiny_model_dir, tmp_path):
     out = tmp_path / "gen.jsonl"
     assert main(["generate", "--model", tiny_model_dir, "--prompt", "add two", "--prompt", "the city", "--greedy",
                  "--max-new-tokens", "5", "--num-return-sequences", "2", "--output", str(out)]) == 0  # fmt: skip
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = read_jsonl(out)
     assert [r["prompt"] for r in rows] == ["add two", "add two", "the city", "the city"]
+    assert [(r["index"], r["sample"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert rows[0]["completion"] == rows[1]["completion"] and rows[0]["finish_reason"] in {"stop", "length"}
+    assert set(rows[0]) == {"index", "sample", "prompt", "completion", "tool_calls", "finish_reason"}
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps({"prompt": r["prompt"], "response": r["completion"]}) for r in rows))
     scores = tmp_path / "scores.jsonl"
     assert main(["score", "--model", tiny_model_dir, "--pairs", str(pairs), "--output", str(scores)]) == 0
-    scored = [json.loads(line) for line in scores.read_text().splitlines()]
+    scored = read_jsonl(scores)
     assert all(s["sum_logprob"] <= 0 and len(s["logprobs"]) > 0 for s in scored)
+    assert [s["index"] for s in scored] == [0, 1, 2, 3] and scored[2]["response"] == rows[2]["completion"]
+    before = scores.read_bytes()
+    assert main(["score", "--model", tiny_model_dir, "--pairs", str(pairs), "--output", str(scores)]) == 0
+    assert scores.read_bytes() == before  # complete: nothing redone
 
 
 def test_adapter_changes_outputs(tiny_model_dir, tmp_path):
@@ -46,10 +72,185 @@ def test_adapter_changes_outputs(tiny_model_dir, tmp_path):
     assert abs(base - tuned) > 1e-3
 
 
-def test_bad_input(tiny_model_dir, tmp_path):
+def test_bad_input_is_one_line_with_file_and_line(tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"question": "x"}))
-    with pytest.raises(ValueError, match="missing"):
-        main(["generate", "--model", tiny_model_dir, "--prompts", str(bad)])
-    with pytest.raises(SystemExit):
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n\n" + json.dumps({"question": "x"}) + "\n")
+    assert main(["generate", "--model", tiny_model_dir, "--prompts", str(bad)]) == 2
+    assert last_error(capsys) == f"trl-inference generate: error: {bad}:3: missing field(s) prompt (has question)"
+
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": 7}) + "\n")
+    assert main(["generate", "--model", tiny_model_dir, "--prompts", str(bad)]) == 2
+    assert f"{bad}:2: `prompt` must be a non-empty string, a list of token ids or a list of chat messages" in (
+        last_error(capsys)
+    )
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a", "response": {}}])
+    assert main(["score", "--model", tiny_model_dir, "--pairs", pairs]) == 2
+    assert f"{pairs}:2: `response` must be a non-empty string or a list of token ids" in last_error(capsys)
+
+    with pytest.raises(SystemExit) as exit_info:  # usage errors: argparse's exit code 2
         main(["generate", "--model", tiny_model_dir])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", tiny_model_dir, "--prompt", "x", "--max-new-tokens", "0"])
+    assert "--max-new-tokens: must be >= 1" in last_error(capsys)
+
+
+def test_user_errors_have_no_traceback(tiny_model_dir, tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": "fine"}\n{"prompt": "broken\n')
+    missing = tmp_path / "missing.jsonl"
+    cli = [sys.executable, "-m", "trl_inference_ext.cli", "generate", "--model", tiny_model_dir, "--prompts"]
+    for path, message in ((missing, f"{missing}: file not found"), (bad, f"{bad}:3: invalid JSON")):
+        run = subprocess.run([*cli, str(path)], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and run.stdout == ""
+        assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert message in run.stderr
+
+
+@pytest.mark.parametrize(
+    "bad_row",
+    [{"prompt": ""}, {"prompt": [1, 2, 10**6]}],  # caught reading the file / caught against the model's vocabulary
+    ids=["empty-prompt", "token-id-out-of-vocab"],
+)
+def test_bad_later_row_writes_nothing(tiny_model_dir, tmp_path, capsys, bad_row):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS * 2] + [bad_row])
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--model", tiny_model_dir, "--prompts", prompts, *GREEDY, "--output", str(out)]
+    assert main(args) == 2
+    assert f"{prompts}:11: " in last_error(capsys)
+    assert not out.exists()
+    out.write_text("")  # an existing (resumable) output is left as it was, too
+    assert main(args) == 2 and out.read_text() == ""
+    assert main([*args, "--overwrite"]) == 2 and out.read_text() == ""
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    """A complete greedy run with 2 samples per prompt: (its output lines, its arguments without --output)."""
+    folder = tmp_path_factory.mktemp("reference")
+    prompts = write_jsonl(folder / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    out = folder / "out.jsonl"
+    args = ["generate", "--model", tiny_model_dir, "--prompts", prompts, *GREEDY, "--num-return-sequences", "2"]
+    assert main([*args, "--output", str(out)]) == 0
+    lines = out.read_text().splitlines(keepends=True)
+    assert len(lines) == 2 * len(PROMPTS)
+    return lines, args
+
+
+def sentinel(line):
+    """The same output row with a completion no model run writes: it survives only if the row is skipped."""
+    return json.dumps({**json.loads(line), "completion": "SENTINEL"}) + "\n"
+
+
+def test_resume_skips_complete_rows(reference, tmp_path, capsys):
+    lines, args = reference
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(sentinel(line) for line in lines[:4]))  # prompts 0 and 1 done
+    assert main([*args, "--output", str(out)]) == 0
+    assert "resuming: 2 of 5 input rows already done" in capsys.readouterr().err
+    result = out.read_text().splitlines(keepends=True)
+    assert result[:4] == [sentinel(line) for line in lines[:4]]  # kept, not regenerated
+    assert result[4:] == lines[4:]  # the 3 other prompts generated, as in one run
+
+    stat = out.stat()
+    assert main([*args, "--output", str(out)]) == 0  # complete: left as it is
+    assert "nothing left to do" in capsys.readouterr().err
+    assert out.read_text().splitlines(keepends=True) == result and out.stat().st_mtime_ns == stat.st_mtime_ns
+
+    assert main([*args, "--output", str(out), "--overwrite"]) == 0
+    assert out.read_text().splitlines(keepends=True) == lines
+
+
+def test_resume_redoes_unfinished_tail(reference, tmp_path, capsys):
+    lines, args = reference
+    out = tmp_path / "out.jsonl"
+    # prompt 0 complete; prompt 1 has its first sample and half of its second line, as a killed run leaves it
+    out.write_text(sentinel(lines[0]) + sentinel(lines[1]) + sentinel(lines[2]) + lines[3][: len(lines[3]) // 2])
+    assert main([*args, "--output", str(out)]) == 0
+    assert "1 of 5 input rows already done; redoing 2 unfinished line(s)" in capsys.readouterr().err
+    assert out.read_text().splitlines(keepends=True) == [sentinel(lines[0]), sentinel(lines[1]), *lines[2:]]
+
+
+def test_resume_refuses_other_output(reference, tmp_path, capsys):
+    lines, args = reference
+    out = tmp_path / "out.jsonl"
+    other = [json.dumps({**json.loads(line), "prompt": "something else"}) + "\n" for line in lines[:2]]
+    for content, message in (
+        ("".join(other), "out.jsonl:1: another `prompt`"),
+        ("".join(lines[:2]) + "not json\n" + lines[2], "out.jsonl:3: not valid JSON"),
+        (lines[0] + lines[2], "out.jsonl:2: only 1 of the 2 rows of input"),
+    ):
+        out.write_text(content)
+        assert main([*args, "--output", str(out)]) == 2
+        error = last_error(capsys)
+        assert message in error and "--overwrite" in error
+        assert out.read_text() == content
+    # the same file with --return-logprobs: rows lack the column, so they are not this run's
+    out.write_text("".join(lines[:2]))
+    assert main([*args, "--output", str(out), "--return-logprobs"]) == 2
+    assert "no logprobs field(s)" in last_error(capsys)
+    out.write_text("".join(lines[:2]))
+    assert main([*args, "--output", str(out), "--num-return-sequences", "1"]) == 2
+    assert "a row too many for input" in last_error(capsys)
+
+
+def test_chat_applies_to_prompts_file(tiny_model_dir, inference, tmp_path):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "add two"}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the city"}, {"prompt": messages}])
+    out = tmp_path / "out.jsonl"
+    assert (
+        main(["generate", "--model", tiny_model_dir, "--prompts", prompts, "--chat", *GREEDY, "--output", str(out)])
+        == 0
+    )
+    rows = read_jsonl(out)
+    expected_prompts = [[{"role": "user", "content": "the city"}], messages]
+    assert [r["prompt"] for r in rows] == expected_prompts
+    for row, prompt in zip(rows, expected_prompts):
+        api = inference.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False)
+        assert row["completion"] == api.texts[0]
+
+
+def test_token_ids_and_logprobs_match_python_api(tiny_model_dir, inference, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", tiny_model_dir, "--prompts", prompts, *GREEDY, "--output", str(out),
+                 "--return-token-ids", "--return-logprobs"]) == 0  # fmt: skip
+    rows = read_jsonl(out)
+    assert len(rows) == 3
+    for row, prompt in zip(rows, PROMPTS):
+        api = inference.generate(prompt, max_new_tokens=5, do_sample=False, return_logprobs=True, use_cache=False)
+        assert row["prompt_token_ids"] == api.metadata["prompt_token_ids"][0]
+        assert row["token_ids"] == api.token_ids[0] and row["completion"] == api.texts[0]
+        assert len(row["logprobs"]) == len(row["token_ids"])
+        assert row["logprobs"] == pytest.approx(api.logprobs[0].tolist(), abs=1e-5)
+    # the ids score exactly what was sampled: `score` gives the sampling log-probs back
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl", [{"prompt": r["prompt_token_ids"], "response": r["token_ids"]} for r in rows]
+    )
+    scores = tmp_path / "scores.jsonl"
+    assert main(["score", "--model", tiny_model_dir, "--pairs", pairs, "--output", str(scores)]) == 0
+    for row, scored in zip(rows, read_jsonl(scores)):
+        assert scored["logprobs"] == pytest.approx(row["logprobs"], abs=1e-4)
+
+
+def test_help_shows_defaults_and_resume(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("token budget per completion (default: 128)", "(default: 8)", "(default: hermes)",
+                  "(default: float32)", "(default: stdout)", "If it exists, the run resumes", "--overwrite",
+                  "--return-token-ids", "--return-logprobs"):  # fmt: skip
+        assert shown in text
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    assert "temperature applied to the logits (default: 1.0)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_console_script_help():
+    script = os.path.join(os.path.dirname(sys.executable), "trl-inference")
+    if not os.path.exists(script):
+        pytest.skip("the package is not installed with its console script")
+    run = subprocess.run([script, "generate", "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "(default: 128)" in run.stdout

@@ -105,3 +105,14 @@ def test_sampling_config_defaults_match_original_api():
     assert config.do_sample and config.num_return_sequences == 1
     assert not config.return_logits and not config.return_logprobs
 
+
+
+def test_prompt_near_the_context_limit_says_how_many_tokens_it_can_generate(tiny_model_dir, caplog):
+    inference = InferenceModule(tiny_model_dir, device="cpu", dtype="float32")  # its own: the warning is once per module
+    limit = inference.backend.max_context_length
+    prompt = [5] * (limit - 3)
+    with caplog.at_level("WARNING", logger="trl_inference_ext"):
+        result = inference.generate([prompt, [5, 6]], max_new_tokens=8, do_sample=False, use_cache=False)
+    assert result.metadata["max_new_tokens"] == [3, 8]
+    assert len(result.token_ids[0]) <= 3
+    assert "can generate 3 of the 8 new tokens" in caplog.text

@@ -31,34 +31,47 @@ class CallKeys:
     Args:
         names (`tuple[str, ...]`): Keys for the tool name, by priority.
         arguments (`tuple[str, ...]`): Keys for the arguments, by priority.
+        require_arguments (`bool`, *optional*, defaults to `False`): Whether an object in prose is a call only when
+            it has an arguments key (`{"name": "Alice"}` is then data, not a call to `Alice`).
     """
 
-    def __init__(self, names: tuple[str, ...], arguments: tuple[str, ...]) -> None:
+    def __init__(self, names: tuple[str, ...], arguments: tuple[str, ...], *, require_arguments: bool = False) -> None:
         self.names = names
         self.arguments = arguments
+        self.require_arguments = require_arguments
         every = "|".join(re.escape(key) for key in (*names, *arguments, "function"))
         name_keys = "|".join(re.escape(key) for key in names)
-        self._any_key = re.compile(f'"(?:{every})"')
+        argument_keys = "|".join(re.escape(key) for key in arguments)
+        self._any_key = re.compile(f'"(?:{argument_keys if require_arguments else every})"')
+        self._arguments_key = re.compile(f'"(?:{argument_keys})"\\s{{0,64}}:')
         self._call_start = re.compile(f'\\{{\\s{{0,64}}"(?:{every})"\\s{{0,64}}:')
         self._name_value = re.compile(f'"(?:{name_keys})"\\s{{0,64}}:\\s{{0,64}}"([^"\\\\\\n]{{1,256}})"')
         self._allowed_without_arguments = frozenset(names) | _CALL_METADATA_KEYS
 
     def key_positions(self, view: str) -> list[int]:
-        """Offsets of every quoted call key (`"name"`, `"arguments"`, ...): a call object holds at least one.
+        """Offsets of every quoted key that a call object in prose must hold (`"name"`, `"arguments"`, ...).
 
         Args:
             view (`str`): The text to search.
         """
         return [match.start() for match in self._any_key.finditer(view)]
 
-    def starts_call(self, view: str, start: int) -> bool:
-        """Whether the object at `start` opens with a call key (`{"name": ...`).
+    def starts_call(self, view: str, start: int, end: int = -1) -> bool:
+        """Whether the object at `start` opens like a call (`{"name": ...`), to report it when it is malformed.
+
+        With `require_arguments`, an arguments key must also occur in its first 4 KB.
 
         Args:
             view (`str`): The text.
             start (`int`): Offset of the `{`.
+            end (`int`, *optional*): End of the object (`-1` when it is not closed).
         """
-        return self._call_start.match(view, start, start + 300) is not None
+        if self._call_start.match(view, start, start + 300) is None:
+            return False
+        if not self.require_arguments:
+            return True
+        stop = min(len(view) if end < 0 else end, start + 4096)
+        return self._arguments_key.search(view, start, stop) is not None
 
     def recover_name(self, view: str, start: int, end: int) -> str:
         """Best-effort tool name of a malformed call: the first `"name": "..."` pair in its first 4 KB.
@@ -99,7 +112,9 @@ class CallKeys:
                 return None
             if not _SCHEMA_KEYS.isdisjoint(obj):
                 return None
-            if arguments_key is None and not self._allowed_without_arguments.issuperset(obj):
+            if arguments_key is None and (
+                self.require_arguments or not self._allowed_without_arguments.issuperset(obj)
+            ):
                 return None
         name = obj.get(name_key) if name_key is not None else None
         arguments = obj.get(arguments_key) if arguments_key is not None else None
@@ -222,7 +237,7 @@ class JsonCallExtractor:
             elif not self.standalone:
                 self._add_invalid(raw_start, raw_end, "tool call must be a JSON object")
             return None
-        if view[start] == "{" and (not self.standalone or self.keys.starts_call(view, start)):
+        if view[start] == "{" and (not self.standalone or self.keys.starts_call(view, start, end)):
             self._add_invalid(raw_start, raw_end, "tool call is not valid JSON")
             return None
         if not children and not self.standalone:

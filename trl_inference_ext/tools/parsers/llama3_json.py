@@ -4,7 +4,9 @@ The model writes an optional `<|python_tag|>`, then one or more call objects sep
 
     <|python_tag|>{"name": "search", "parameters": {"query": "x"}}; {"name": "clock", "parameters": {}}
 
-`"arguments"` is accepted in place of `"parameters"`. Objects may be surrounded by prose; the built-in
+`"arguments"` is accepted in place of `"parameters"`. Objects may be surrounded by prose, so an object is a call only
+when it has a `"parameters"` or `"arguments"` key: `The user record is {"name": "Alice"}` holds no call (the `json`
+format, whose calls may omit their arguments, would read a call to `Alice` there). The built-in
 `<|python_tag|>tool.call(...)` form of Llama's code tools is not parsed (use the `function` parser for it).
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 from ._json_calls import CallKeys
 from .json_format import JsonParser
 
-LLAMA3_KEYS = CallKeys(names=("name",), arguments=("parameters", "arguments"))
+LLAMA3_KEYS = CallKeys(names=("name",), arguments=("parameters", "arguments"), require_arguments=True)
 
 
 class Llama3JsonParser(JsonParser):

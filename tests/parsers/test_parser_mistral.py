@@ -85,3 +85,29 @@ def test_markers_inside_json_strings_do_not_split_calls(parse):
         ("a", {"s": "[TOOL_CALLS]x"}),
         ("b", {"t": "[TOOL_CALLS]"}),
     ]
+
+
+def test_prose_between_the_marker_and_the_list_is_skipped(parse):
+    calls_json = '[{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]'
+    for prose in (" Calling them now: ", "\nSure, here are the calls:\n", " I'll use two tools (a and b) -> "):
+        text = f"[TOOL_CALLS]{prose}{calls_json}"
+        calls = parse("mistral", text)
+        assert [(c.name, c.arguments, c.status) for c in calls] == [("a", {"x": 1}, "ok"), ("b", {}, "ok")]
+        assert calls[0].start_pos == text.index('{"name": "a"')
+
+
+def test_prose_before_a_single_call_object_is_skipped(parse):
+    (call,) = parse("mistral", '[TOOL_CALLS] Here you go: {"name": "search", "arguments": {"query": "x"}} done')
+    assert (call.name, call.arguments, call.status) == ("search", {"query": "x"}, "ok")
+
+
+def test_prose_then_a_list_then_another_marker(parse):
+    text = '[TOOL_CALLS] Now: [{"name": "a", "arguments": {"s": "[TOOL_CALLS]"}}] [TOOL_CALLS]b{"y": 2}'
+    assert [(c.name, c.arguments) for c in parse("mistral", text)] == [("a", {"s": "[TOOL_CALLS]"}), ("b", {"y": 2})]
+
+
+def test_prose_without_json_after_the_marker_is_still_missing_its_call(parse):
+    (call,) = parse("mistral", "[TOOL_CALLS] Calling them now, stand by.")
+    assert not call.ok and call.arguments == {}
+    (call,) = parse("mistral", "[TOOL_CALLS] Now: [link](url)")
+    assert not call.ok

@@ -6,7 +6,9 @@ Both generations of Mistral's format are accepted::
     [TOOL_CALLS]search{"query": "x"}[TOOL_CALLS]clock{}
 
 In the second form the name may be followed by `[CALL_ID]id` and/or `[ARGS]` before the JSON arguments, and several
-`name{...}` calls may follow one marker. Text after the calls of a marker is ignored.
+`name{...}` calls may follow one marker. Text after the calls of a marker is ignored. Text between the marker and a
+JSON list of calls (`[TOOL_CALLS] Calling them now: [{"name": ...}]`) is skipped: when what follows the marker is
+neither JSON nor `name{...}`, the first `[{"...` or `{"name": ...` after it is read as the calls.
 """
 
 from __future__ import annotations
@@ -26,22 +28,47 @@ MISTRAL_KEYS = CallKeys(names=("name",), arguments=("arguments", "parameters"))
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
 _CALL_ID = re.compile(r"\s{0,16}\[CALL_ID\]\s{0,16}[A-Za-z0-9_\-]{0,64}")
 _ARGS = re.compile(r"\s{0,16}\[ARGS\]")
+_LATER_CALLS = re.compile(r'\[\s{0,64}\{\s{0,64}"|\{\s{0,64}"(?:name|arguments|parameters|function)"\s{0,64}:')
+"""A JSON list of objects or a call object, looked for when prose follows the marker."""
+
+
+def _arguments_start(view: str, pos: int, end: int) -> int:
+    """Offset of the `{` of `name[CALL_ID]id[ARGS]{...}` starting at `pos`, or `-1` when `pos` holds no such call."""
+    name = _NAME.match(view, pos, end)
+    if name is None:
+        return -1
+    pos = name.end()
+    for pattern in (_CALL_ID, _ARGS):
+        extra = pattern.match(view, pos, end)
+        if extra is not None:
+            pos = extra.end()
+    pos = skip_space(view, pos, end)
+    return pos if pos < end and view[pos] == "{" else -1
+
+
+def payload_start(view: str, pos: int, end: int) -> int:
+    """Where the calls after a marker start: the first non-blank offset, or the JSON calls after leading prose.
+
+    Args:
+        view (`str`): The text with reasoning blanked.
+        pos (`int`): Offset just past the marker.
+        end (`int`): Where the search stops (the next marker, or the end of the text).
+    """
+    pos = skip_space(view, pos, end)
+    if pos >= end or view[pos] in "[{" or _arguments_start(view, pos, end) >= 0:
+        return pos
+    later = _LATER_CALLS.search(view, pos, end)
+    return later.start() if later is not None else pos
 
 
 def _json_extent(view: str, pos: int) -> int:
-    """End of the valid JSON right after a marker (a list, an object, or the arguments of `name{...}`), or `-1`.
+    """End of the valid JSON at `pos` (a list, an object, or the arguments of `name{...}`), or `-1`.
 
     Markers written inside its strings then do not split it.
     """
-    pos = skip_space(view, pos, len(view))
-    name = _NAME.match(view, pos)
-    if name is not None:
-        pos = name.end()
-        for pattern in (_CALL_ID, _ARGS):
-            extra = pattern.match(view, pos)
-            if extra is not None:
-                pos = extra.end()
-        pos = skip_space(view, pos, len(view))
+    arguments = _arguments_start(view, pos, len(view))
+    if arguments >= 0:
+        pos = arguments
     if pos >= len(view) or view[pos] not in "[{":
         return -1
     decoded = raw_decode(view, pos)
@@ -59,14 +86,20 @@ class MistralParser(ToolParser):
         marker = markers.find(0)
         while marker >= 0 and len(calls) < MAX_CALLS:
             region_start = marker + len(TOOL_CALLS)
-            following = markers.find(max(region_start, _json_extent(view, region_start)))
+            bound = markers.find(region_start)
+            payload = payload_start(view, region_start, bound if bound >= 0 else len(view))
+            following = markers.find(max(region_start, _json_extent(view, payload)))
             region_end = following if following >= 0 else len(view)
-            calls.extend(self._parse_region(text, view, marker, region_start, region_end, MAX_CALLS - len(calls)))
+            calls.extend(
+                self._parse_region(text, view, marker, region_start, payload, region_end, MAX_CALLS - len(calls))
+            )
             marker = following
         return calls
 
-    def _parse_region(self, text: str, view: str, marker: int, start: int, end: int, max_calls: int) -> list[ToolCall]:
-        pos = skip_space(view, start, end)
+    def _parse_region(
+        self, text: str, view: str, marker: int, start: int, pos: int, end: int, max_calls: int
+    ) -> list[ToolCall]:
+        """The calls of the region `[start, end)` after the marker at `marker`, whose calls start at `pos`."""
         if pos >= end:
             status = "unclosed" if end == len(view) else "missing_name"
             return [make_call(text, marker, start, "", None, status, f"{TOOL_CALLS} is not followed by a call")]

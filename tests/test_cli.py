@@ -179,7 +179,7 @@ def test_resume_refuses_other_output(reference, tmp_path, capsys):
     for content, message in (
         ("".join(other), "out.jsonl:1: another `prompt`"),
         ("".join(lines[:2]) + "not json\n" + lines[2], "out.jsonl:3: not valid JSON"),
-        (lines[0] + lines[2], "out.jsonl:2: only 1 of the 2 rows of input"),
+        (lines[0] + lines[2], "prompts.jsonl:1 has only 1 of its 2 rows before this"),
     ):
         out.write_text(content)
         assert main([*args, "--output", str(out)]) == 2

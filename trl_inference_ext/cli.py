@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
@@ -28,7 +29,6 @@ from .cli_io import (
     read_jsonl,
     response_problem,
     scan_output,
-    truncate,
 )
 from .tools.parsers import PARSER_NAMES
 
@@ -313,7 +313,7 @@ def _open_output(args: argparse.Namespace, keep: int) -> IO[str]:
     if args.overwrite:
         return open(args.output, "w", encoding="utf-8")
     if Path(args.output).exists():
-        truncate(args.output, keep)
+        os.truncate(args.output, keep)  # drop an unfinished tail
     return open(args.output, "a", encoding="utf-8")
 
 

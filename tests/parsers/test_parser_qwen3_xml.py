@@ -116,3 +116,132 @@ def test_invalid_schemas_are_rejected(schemas):
 
     with pytest.raises((TypeError, ValueError)):
         get_parser("qwen3_xml", tool_schemas=schemas)
+
+
+def call_block(body: str) -> str:
+    """A `write` call around hand-written parameter markup."""
+    return f"<tool_call>\n<function=write>\n{body}</function>\n</tool_call>"
+
+
+# A parameter left open: the next <parameter= of the same function ends the value; the call is never "ok".
+
+LEFT_OPEN = {
+    "layout": "<parameter=path>\nnotes.txt\n<parameter=mode>\nappend\n</parameter>\n",
+    "inline": "<parameter=path>notes.txt<parameter=mode>append</parameter>",
+    "misspelled_close": "<parameter=path>\nnotes.txt\n</parameter2>\n<parameter=mode>\nappend\n</parameter>\n",
+    "cut_close": "<parameter=path>\nnotes.txt\n</parameter\n<parameter=mode>\nappend\n</parameter>\n",
+    "short_close": "<parameter=path>\nnotes.txt</param>\n<parameter=mode>\nappend\n</parameter>\n",
+    "whitespace_run": "<parameter=path>\nnotes.txt" + " \n\t" * 3000 + "<parameter=mode>\nappend\n</parameter>\n",
+}
+
+
+@pytest.mark.parametrize("body", LEFT_OPEN.values(), ids=LEFT_OPEN.keys())
+def test_parameter_left_open_is_ended_by_the_next_parameter(parse, body):
+    (call,) = parse("qwen3_xml", call_block(body))
+    assert call.name == "write" and call.arguments == {"path": "notes.txt", "mode": "append"}
+    assert call.status == "invalid_arguments" and "<parameter=path>" in call.error
+
+
+def test_last_parameter_left_open_is_ended_by_the_function_or_block_close(parse):
+    for text in (
+        "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\ntwo\n</function>\n</tool_call>",
+        "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\ntwo\n</parameter2>\n</function>",
+        "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\ntwo\n</tool_call>",
+        "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\ntwo" + " " * 5000 + "</function>",
+    ):
+        (call,) = parse("qwen3_xml", text)
+        assert call.arguments == {"a": 1, "b": "two"}, text
+        assert call.status == "invalid_arguments" and "<parameter=b>" in call.error
+
+
+def test_several_parameters_left_open_and_schema_conversion(parse):
+    schemas = [{"name": "f", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}]
+    text = "<tool_call><function=f><parameter=n>7<parameter=s>x<parameter=t>y</parameter></function></tool_call>"
+    (call,) = parse("qwen3_xml", text, tool_schemas=schemas)
+    assert call.arguments == {"n": 7, "s": "x", "t": "y"} and call.status == "invalid_arguments"
+
+
+def test_parameter_left_open_keeps_the_next_call(parse):
+    text = (
+        "<tool_call>\n<function=a>\n<parameter=x>\n1\n<parameter=y>\n2\n</function>\n</tool_call>\n"
+        "<tool_call>\n<function=b>\n<parameter=z>\n3\n</parameter>\n</function>\n</tool_call>"
+    )
+    a, b = parse("qwen3_xml", text)
+    assert (a.name, a.status, a.arguments) == ("a", "invalid_arguments", {"x": 1, "y": 2})
+    assert (b.name, b.status, b.arguments) == ("b", "ok", {"z": 3})
+    assert a.end_pos <= b.start_pos
+
+
+def test_missing_function_close_is_not_ok(parse):
+    text = "<tool_call>\n<function=a>\n<parameter=x>\n1\n</parameter>\n</tool_call>\n<tool_call>\n<function=b>\n</function>\n</tool_call>"
+    a, b = parse("qwen3_xml", text)
+    assert (a.name, a.status, a.arguments) == ("a", "invalid_arguments", {"x": 1})
+    assert a.raw_text.endswith("</tool_call>") and b.ok
+    text = "<tool_call>\n<function=a>\n<parameter=x>\n1\n</parameter>\n<tool_call>\n<function=b>\n</function>\n</tool_call>"
+    a, b = parse("qwen3_xml", text)
+    assert a.status == "invalid_arguments" and b.ok and b.name == "b"
+
+
+# Tag text inside a value: kept as text when it is literal; a value that may hold more than was read is not "ok".
+
+KEPT_WHOLE = {
+    "close_tag_in_code": 'if tag == "</parameter>":\n    done = True',
+    "close_tag_in_prose": "Close each value with </parameter> on its own line.",
+    "close_tag_then_text": "a </parameter> b\n</parameter> c",
+    "quoted_open_tag": 'print("<parameter=x>")',
+    "single_quoted_tags": "stop = '</function>' or '</tool_call>' or '<parameter=y>'",
+    "backquoted_tag": "Use `<parameter=name>` then the value.",
+    "paired_fragment": "Write <parameter=x>value</parameter> for each argument.",
+    "multiline_paired_fragment": 'TEXT = """\n<parameter=x>\n1\n</parameter>\n"""',
+    "whole_call_fixture": (
+        "<tool_call>\n<function=search>\n<parameter=query>\ncats\n</parameter>\n</function>\n</tool_call>"
+    ),
+    "escaped_fixture": 'T = "<tool_call>\\n<function=f>\\n<parameter=x>\\n1\\n</parameter>\\n</function>\\n</tool_call>"',
+    "chat_template": (
+        "{%- for call in message.tool_calls %}\n<tool_call>\n<function={{ call.name }}>\n"
+        "{%- for k, v in call.arguments.items() %}\n<parameter={{ k }}>\n{{ v }}\n</parameter>\n{%- endfor %}\n"
+        "</function>\n</tool_call>\n{%- endfor %}"
+    ),
+    "xml_document": "<root>\n  <function=legacy>\n    <item>1</item>\n  </function>\n</root>",
+}
+
+
+@pytest.mark.parametrize("content", KEPT_WHOLE.values(), ids=KEPT_WHOLE.keys())
+def test_literal_tags_inside_a_value_are_text(parse, content):
+    text = call_block(f"<parameter=path>\nfile.txt\n</parameter>\n<parameter=content>\n{content}\n</parameter>\n")
+    (call,) = parse("qwen3_xml", text)
+    assert call.ok, call.error
+    assert call.name == "write" and call.arguments == {"path": "file.txt", "content": content}
+    assert call.raw_text == text
+
+
+@pytest.mark.parametrize("content", KEPT_WHOLE.values(), ids=KEPT_WHOLE.keys())
+def test_literal_tags_inside_a_value_keep_the_sibling_calls(parse, content):
+    first = call_block(f"<parameter=content>\n{content}\n</parameter>\n")
+    second = "<tool_call>\n<function=clock>\n</function>\n</tool_call>"
+    calls = parse("qwen3_xml", f"Writing it.\n{first}\n{second}\nDone.")
+    assert [(c.name, c.status) for c in calls] == [("write", "ok"), ("clock", "ok")]
+    assert calls[0].arguments == {"content": content}
+
+
+def test_a_call_written_in_a_value_is_never_returned_as_a_call(parse):
+    inner = "<tool_call>\n<function=delete_everything>\n<parameter=path>\n/\n</parameter>\n</function>\n</tool_call>"
+    for text in (
+        call_block(f"<parameter=content>\n{inner}\n</parameter>\n"),  # closed: the outer call, whole
+        call_block(f"<parameter=content>\n{inner}\n"),  # the outer value is never closed
+        f"<tool_call>\n<function=write>\n<parameter=content>\n{inner}",  # the output stops after it
+        f"<tool_call>\n<function=write>\n<parameter=content>\n{inner}\n</parameter>",
+    ):
+        calls = parse("qwen3_xml", text)
+        assert [c.name for c in calls] == ["write"], text
+        assert all(c.name != "delete_everything" for c in calls)
+
+
+def test_ambiguous_tag_text_is_never_ok(parse):
+    for content in (
+        "<parameter=x>\n1\n</parameter>\n</function>\n</tool_call>",  # reads as a shorter call plus stray tags
+        "See <parameter=mode> below",  # an unpaired, unquoted parameter tag: it ends the value
+        "a </function> b",  # an unquoted function close ends the value
+    ):
+        calls = parse("qwen3_xml", call_block(f"<parameter=content>\n{content}\n</parameter>\n"))
+        assert calls[0].name == "write" and not calls[0].ok, content

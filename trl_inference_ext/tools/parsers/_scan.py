@@ -474,6 +474,38 @@ class Block(NamedTuple):
     closed: bool
 
 
+def block_at(
+    text: str, start: int, open_tag: str, opens: NextFinder, closes: NextFinder, *, json_bodies: bool = False
+) -> Block:
+    """The tagged block whose opening tag is at `start`.
+
+    Its closing tag is the first one after the opening tag, unless the next opening tag comes first: the block is
+    then unclosed and stops at that opening tag (or at the end of the text).
+
+    Args:
+        text (`str`): The text.
+        start (`int`): Offset of the opening tag.
+        open_tag (`str`): Opening tag, e.g. `"<tool_call>"`.
+        opens (`NextFinder`): Finder of the opening tag in `text`.
+        closes (`NextFinder`): Finder of the closing tag in `text`.
+        json_bodies (`bool`, *optional*, defaults to `False`): When the body starts with a valid JSON value, look
+            for the tags only after it, so that tags written inside JSON strings do not end the block.
+    """
+    body_start = search_from = start + len(open_tag)
+    if json_bodies:
+        value_start = skip_space(text, body_start, len(text))
+        if value_start < len(text) and text[value_start] in "{[":
+            decoded = raw_decode(text, value_start)
+            if decoded is not None:
+                search_from = decoded[1]
+    following = opens.find(search_from)
+    closing = closes.find(search_from)
+    if closing >= 0 and (following < 0 or closing < following):
+        return Block(start, body_start, closing, closing + len(closes.needle), True)
+    end = following if following >= 0 else len(text)
+    return Block(start, body_start, end, end, False)
+
+
 def iter_blocks(text: str, open_tag: str, close_tag: str, *, json_bodies: bool = False) -> Iterator[Block]:
     """Yields the tagged blocks of a text in order, in linear time.
 
@@ -494,18 +526,6 @@ def iter_blocks(text: str, open_tag: str, close_tag: str, *, json_bodies: bool =
         start = opens.find(pos)
         if start < 0:
             return
-        body_start = search_from = start + len(open_tag)
-        if json_bodies:
-            value_start = skip_space(text, body_start, len(text))
-            if value_start < len(text) and text[value_start] in "{[":
-                decoded = raw_decode(text, value_start)
-                if decoded is not None:
-                    search_from = decoded[1]
-        following = opens.find(search_from)
-        closing = closes.find(search_from)
-        if closing >= 0 and (following < 0 or closing < following):
-            pos = closing + len(close_tag)
-            yield Block(start, body_start, closing, pos, True)
-        else:
-            pos = following if following >= 0 else len(text)
-            yield Block(start, body_start, pos, pos, False)
+        block = block_at(text, start, open_tag, opens, closes, json_bodies=json_bodies)
+        pos = block.end
+        yield block

@@ -87,7 +87,8 @@ def test_executor_outcomes():
     def boom() -> None:
         raise RuntimeError("bad input")
 
-    executor = ToolExecutor({"add": add, "slow": slow_async, "fast": fast_async, "boom": boom}, timeout=0.5)
+    functions = {"add": add, "slow": slow_async, "fast": fast_async, "boom": boom}  # closures: threads only
+    executor = ToolExecutor(functions, timeout=0.5, isolation="thread")
     calls = [
         ToolCall("add", {"a": 1, "b": 2}, "", 0, 0),
         ToolCall("fast", {"x": 4}, "", 0, 0),
@@ -164,8 +165,8 @@ def test_tool_loop_limits_and_failures(tool_inference):
     (short,) = run_tool_loop(tool_inference, [prompt], tools=[add], do_sample=False, max_new_tokens=5)
     assert short.finish_reason == "length" and len(short.completion_ids) == 5
 
-    def broken_add(a: int, b: int) -> int:
-        """Adds two integers, badly.
+    def broken_add(a: int, b: int) -> int:  # described as `add` is, so the prompt is the one the model was fitted on
+        """Adds two integers.
 
         Args:
             a: First number.
@@ -174,7 +175,9 @@ def test_tool_loop_limits_and_failures(tool_inference):
         raise ValueError("overflow")
 
     broken_add.__name__ = "add"
-    (failed,) = run_tool_loop(tool_inference, [prompt], tools=[broken_add], do_sample=False, max_new_tokens=120)
+    (failed,) = run_tool_loop(
+        tool_inference, [prompt], tools=[broken_add], do_sample=False, max_new_tokens=120, tool_isolation="thread"
+    )
     assert failed.num_failed_calls == 1 and "overflow" in failed.tool_results[0].content
     with pytest.raises(ValueError, match="max_tool_turns"):
         run_tool_loop(tool_inference, [prompt], max_tool_turns=-1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..types import ToolCall
-from .execution import ToolExecutor, ToolResult
+from .execution import MAX_OUTPUT_CHARS, ToolExecutor, ToolResult
 from .parsers import get_parser
 from .prompting import build_tool_prompt, tool_results_text
 from .schema import normalize_tools, tool_functions
@@ -81,6 +81,10 @@ def run_tool_loop(
     stop_tools: Sequence[str] = (),
     tool_timeout: float = 10.0,
     functions: dict[str, Callable[..., Any]] | None = None,
+    tool_isolation: str = "process",
+    tool_memory_limit: int | None = None,
+    max_tool_output_chars: int = MAX_OUTPUT_CHARS,
+    tool_executor: ToolExecutor | None = None,
     **sampling: Any,
 ) -> list[ToolRollout]:
     """Runs multi-turn tool use for a batch of prompts (one rollout per prompt).
@@ -92,8 +96,18 @@ def run_tool_loop(
         max_tool_turns (`int`, *optional*, defaults to 3): Most rounds of tool execution per rollout.
         max_new_tokens (`int`, *optional*, defaults to 512): Budget for all completion tokens (model + tool).
         stop_tools (`Sequence[str]`, *optional*): Tools whose call ends the rollout (executed, results not shown).
-        tool_timeout (`float`, *optional*, defaults to 10.0): Seconds allowed per tool call.
+        tool_timeout (`float`, *optional*, defaults to 10.0): Seconds allowed for all the tool calls of one turn (the
+            calls of every rollout in the batch run together, within this one deadline).
         functions (`dict[str, Callable]`, *optional*): Implementations for tools given as dicts.
+        tool_isolation (`str`, *optional*, defaults to `"process"`): `"process"` runs tools in worker processes that
+            are killed at the deadline and replaced (tools must be importable functions); `"thread"` runs them in
+            threads of this process (any callable, no protection). See `ToolExecutor`.
+        tool_memory_limit (`int`, *optional*): Bytes of memory one call may add to its worker process (processes only).
+        max_tool_output_chars (`int`, *optional*, defaults to `MAX_OUTPUT_CHARS`): Longest tool output shown to the
+            model.
+        tool_executor (`ToolExecutor`, *optional*): Run the calls on this executor, with its own functions, timeout
+            and isolation, and leave it open (its worker processes then serve later batches too). By default one is
+            built from the arguments above and closed at the end.
         **sampling: Sampling arguments for `generate` (temperature, top_p, top_k, seed, ...).
 
     Returns:
@@ -119,7 +133,15 @@ def run_tool_loop(
     ]
     rollouts = [ToolRollout(prompt_ids=inference._encode_prompts([e])[0]) for e in encoded]
     eos = tokenizer.eos_token_id
-    executor = ToolExecutor(implementations, timeout=tool_timeout)
+    executor = tool_executor
+    if executor is None:
+        executor = ToolExecutor(
+            implementations,
+            timeout=tool_timeout,
+            isolation=tool_isolation,
+            memory_limit=tool_memory_limit,
+            max_output_chars=max_tool_output_chars,
+        )
     active = list(range(len(rollouts)))
     try:
         for turn in range(max_tool_turns + 1):
@@ -138,7 +160,7 @@ def run_tool_loop(
                 **sampling,
             )
             assert result.logprobs is not None and result.token_ids is not None and result.metadata is not None
-            still_active = []
+            calling = []  # (rollout index, its new ids, its calls, truncated) of the rollouts that called tools
             for j, i in enumerate(active):
                 rollout = rollouts[i]
                 room = max_new_tokens - len(rollout.completion_ids)
@@ -152,7 +174,13 @@ def run_tool_loop(
                     rollout.finish_reason = "length" if truncated else "stop"
                     continue
                 rollout.tool_calls += calls
-                outcomes = executor.run(calls)
+                calling.append((i, ids, calls, truncated))
+            # Every call of the turn, all rollouts together: one deadline, however many calls hang.
+            results = iter(executor.run([call for _, _, calls, _ in calling for call in calls]))
+            still_active = []
+            for i, ids, calls, truncated in calling:
+                rollout = rollouts[i]
+                outcomes = [next(results) for _ in calls]
                 rollout.tool_results += outcomes
                 if any(c.ok and c.name in stop_tools for c in calls):
                     rollout.finish_reason = "stop_tool"
@@ -175,7 +203,8 @@ def run_tool_loop(
                 still_active.append(i)
             active = still_active
     finally:
-        executor.close()
+        if tool_executor is None:
+            executor.close()
     for rollout in rollouts:
         rollout.text = inference._decode(rollout.completion_ids)
     return rollouts

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ..module import InferenceModule
+from ..tools.execution import ISOLATIONS, MAX_OUTPUT_CHARS, ToolExecutor
 from ..tools.loop import ToolRollout, repeat_group_size, run_tool_loop
 from .sampling import sampling_from_trl_args
 
@@ -25,7 +26,7 @@ class RolloutFunction:
         tool_parser: str,
         max_tool_turns: int,
         stop_tools: Sequence[str],
-        tool_timeout: float,
+        tool_executor: ToolExecutor | None,
         sampling: dict[str, Any],
     ) -> None:
         self.inference = inference
@@ -33,9 +34,14 @@ class RolloutFunction:
         self.tool_parser = tool_parser
         self.max_tool_turns = max_tool_turns
         self.stop_tools = tuple(stop_tools)
-        self.tool_timeout = tool_timeout
+        self.tool_executor = tool_executor
         self.sampling = sampling
         self._synced_step: int | None = None
+
+    def close(self) -> None:
+        """Stops the tool worker processes (they are also stopped at interpreter exit)."""
+        if self.tool_executor is not None:
+            self.tool_executor.close()
 
     @contextlib.contextmanager
     def _trainer_model(self, trainer: Any) -> Iterator[Any]:
@@ -87,7 +93,7 @@ class RolloutFunction:
                 max_new_tokens=sampling.pop("max_new_tokens", 512),
                 max_tool_turns=self.max_tool_turns,
                 stop_tools=self.stop_tools,
-                tool_timeout=self.tool_timeout,
+                tool_executor=self.tool_executor,
                 **sampling,
             )
             return _as_trl_output(rollouts)
@@ -123,6 +129,9 @@ def rollout_func(
     max_tool_turns: int = 3,
     stop_tools: Sequence[str] = (),
     tool_timeout: float = 10.0,
+    tool_isolation: str = "process",
+    tool_memory_limit: int | None = None,
+    max_tool_output_chars: int = MAX_OUTPUT_CHARS,
     **sampling: Any,
 ) -> Callable[[list[Any], Any], dict[str, Any]]:
     """Builds a `rollout_func` for `trl.GRPOTrainer`.
@@ -140,7 +149,14 @@ def rollout_func(
         tool_parser (`str`, *optional*, defaults to `"auto"`): Tool-call format (used when `inference=None`).
         max_tool_turns (`int`, *optional*, defaults to 3): Most rounds of tool execution per rollout.
         stop_tools (`Sequence[str]`, *optional*): Tools whose call ends a rollout.
-        tool_timeout (`float`, *optional*, defaults to 10.0): Seconds per tool call.
+        tool_timeout (`float`, *optional*, defaults to 10.0): Seconds allowed for all the tool calls of one turn.
+        tool_isolation (`str`, *optional*, defaults to `"process"`): `"process"` runs tools in worker processes,
+            killed at the deadline and replaced, so no tool call can hang, crash or exhaust the trainer (tools must be
+            importable functions: checked here); `"thread"` runs them in the trainer's threads. The workers live as
+            long as the returned function (see its `close()`). See `ToolExecutor`.
+        tool_memory_limit (`int`, *optional*): Bytes of memory one tool call may add to its worker process.
+        max_tool_output_chars (`int`, *optional*, defaults to `MAX_OUTPUT_CHARS`): Longest tool output shown to the
+            model.
         **sampling: Overrides for the sampling settings read from `trainer.args` (`temperature`, `top_p`, `top_k`,
             `max_new_tokens`, `seed`, `stop`).
 
@@ -158,8 +174,18 @@ def rollout_func(
 
     if tool_parser not in PARSER_NAMES:
         raise ValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {tool_parser!r}.")
+    if tool_isolation not in ISOLATIONS:
+        raise ValueError(f"`tool_isolation` must be one of {list(ISOLATIONS)}, got {tool_isolation!r}.")
+    executor = None
     if tools:
-        from ..tools.schema import normalize_tools
+        from ..tools.schema import normalize_tools, tool_functions
 
         normalize_tools(tools)  # fail at construction, not mid-training
-    return RolloutFunction(inference, tools, tool_parser, max_tool_turns, stop_tools, tool_timeout, sampling)
+        executor = ToolExecutor(
+            tool_functions(tools),
+            timeout=tool_timeout,
+            isolation=tool_isolation,
+            memory_limit=tool_memory_limit,
+            max_output_chars=max_tool_output_chars,
+        )  # starts no process yet; workers start at the first call and then serve every step
+    return RolloutFunction(inference, tools, tool_parser, max_tool_turns, stop_tools, executor, sampling)

@@ -191,3 +191,77 @@ def fit_conversations(
     model.eval()
     model.save_pretrained(model_dir)
     return model_dir
+
+
+def greedy_margin(module: Any, prompts: list[Any], completions: list[list[int]]) -> float:
+    """How far each greedy choice is from a tie: the smallest gap between a chosen token's logit and the best other.
+
+    Tests that compare greedy outputs of two code paths (batched and alone, grouped and single, ...) assert this
+    margin first: float32 results of the same computation done two ways differ by far less than 1e-3, so with a
+    larger margin no greedy choice can flip on any machine, and a mismatch is a real bug.
+
+    Args:
+        module (`InferenceModule`): The module that produced the completions.
+        prompts (`list`): Prompts as strings or token ids, one per completion.
+        completions (`list[list[int]]`): Greedy completion token ids (may end with EOS).
+
+    Returns:
+        `float`: The smallest margin over all positions (`inf` when every completion is empty).
+    """
+    import torch
+
+    rows = [(p, c) for p, c in zip(prompts, completions) if c]
+    if not rows:
+        return float("inf")
+    with torch.no_grad():
+        logits = module.get_logits([p for p, _ in rows], [c for _, c in rows]).float()
+    margin = float("inf")
+    for i, (_, ids) in enumerate(rows):
+        row = logits[i, : len(ids)]
+        chosen = row.gather(-1, torch.tensor(ids, device=row.device)[:, None]).squeeze(-1)
+        others = row.scatter(-1, torch.tensor(ids, device=row.device)[:, None], float("-inf")).max(-1).values
+        margin = min(margin, (chosen - others).min().item())
+    return margin
+
+
+def truncation_near_tie(
+    logits: Any, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, eps: float = 3e-5
+) -> Any:
+    """Which positions' top-k / top-p kept set could change if every processed logit moved by up to `eps`.
+
+    Sampling and scoring compute the same logits on different code paths, a few 1e-6 apart in float32 (measured
+    2.4e-6 at logits of magnitude 7). Where a kept set is that close to a tie, the two paths may keep different
+    tokens, and the log-probs then differ by the probability of the token kept on one side only. Tests that compare
+    truncated log-probs across code paths skip these positions, which are a property of the random stream, not of
+    the implementation.
+
+    Args:
+        logits (`torch.Tensor`): `[..., V]` raw logits.
+        temperature (`float`, *optional*, defaults to 1.0): Temperature applied before truncation.
+        top_k (`int`, *optional*, defaults to -1): Top-k, -1 disables.
+        top_p (`float`, *optional*, defaults to 1.0): Top-p, 1.0 disables.
+        eps (`float`, *optional*, defaults to 3e-5): Largest float error assumed on each processed logit.
+
+    Returns:
+        `torch.Tensor`: `[...]` booleans, `True` where the kept set is within `eps` of changing.
+    """
+    import torch
+
+    from .scoring import process_logits
+
+    out = logits.float() / temperature
+    vocab = out.shape[-1]
+    near = torch.zeros(out.shape[:-1], dtype=torch.bool, device=out.device)
+    if 0 < top_k < vocab:
+        top = torch.topk(out, top_k + 1, dim=-1).values
+        near |= top[..., -2] - top[..., -1] < 2 * eps
+        out = process_logits(out, top_k=top_k)
+    if top_p < 1.0:
+        # process_logits drops the tokens whose ascending cumulative probability is <= 1 - top_p. A logit error of eps
+        # moves each probability by a factor within exp(+-2 eps), and float32 summation adds up to V ulps of 1.
+        probs = out.softmax(dim=-1).sort(dim=-1).values
+        cumulative = probs.cumsum(dim=-1)
+        slack = 2 * eps + vocab * 2.0**-24
+        # a token below 1e-5 moves the others' log-probs by less than 2e-5 whether kept or not
+        near |= (((cumulative - (1.0 - top_p)).abs() < slack) & (probs > 1e-5)).any(dim=-1)
+    return near

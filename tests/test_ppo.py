@@ -160,7 +160,7 @@ def test_policy_with_value_head_matches_get_logprobs(tiny_model_dir):
     responses = [tokenizer(" the answer is five")["input_ids"], tokenizer(" weather")["input_ids"]]
     logprobs, values = policy(prompts, responses, temperature=0.7)
     expected, mask = inference.get_logprobs(prompts, responses, temperature=0.7, return_mask=True)
-    torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logprobs, expected, atol=1e-4, rtol=0)  # two code paths, float32
     assert values.shape == logprobs.shape and (values[~mask] == 0).all() and (values[mask] != 0).all()
     (logprobs.sum() + values.sum()).backward()  # one forward, gradients to both the adapter and the value head
     assert policy.value_head.summary.weight.grad.abs().sum() > 0
@@ -170,8 +170,8 @@ def test_policy_with_value_head_matches_get_logprobs(tiny_model_dir):
     base.config.logit_scale = 2.0  # a logit transform: scored from the full logits instead (Llama ignores it)
     with torch.no_grad():
         full_logprobs, full_values = policy(prompts, responses, temperature=0.7)
-    torch.testing.assert_close(full_logprobs, logprobs.detach(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(full_values, values.detach())
+    torch.testing.assert_close(full_logprobs, logprobs.detach(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(full_values, values.detach(), atol=1e-4, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------- recipe

@@ -36,8 +36,8 @@ def test_reference_equals_base_model(peft_module, tiny_model_dir):
         policy = peft_module.get_logprobs(PROMPTS, RESPONSES)
     ref = peft_module.reference().get_logprobs(PROMPTS, RESPONSES)
     base = plain_logprobs(tiny_model_dir)
-    torch.testing.assert_close(ref, base, atol=1e-5, rtol=0)
-    assert (policy - base).abs().max() > 1e-3  # the adapter really changes the policy
+    torch.testing.assert_close(ref, base, atol=1e-4, rtol=0)  # the PEFT wrapper and the plain model: two code paths
+    assert (policy - base).abs().max() > 0.1  # the adapter really changes the policy (measured 2.3)
     assert not ref.requires_grad
     # adapters are back on, nothing was copied, trainable flags unchanged
     with torch.no_grad():
@@ -61,8 +61,8 @@ def test_named_frozen_adapter_as_reference(peft_module, tiny_model_dir):
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
     ref = peft_module.reference("ref").get_logprobs(PROMPTS, RESPONSES)
-    torch.testing.assert_close(ref, expected, atol=1e-6, rtol=0)
-    assert (ref - policy).abs().max() > 1e-3
+    torch.testing.assert_close(ref, expected, atol=1e-4, rtol=0)
+    assert (ref - policy).abs().max() > 0.1  # measured 1.9
     assert model.active_adapter == "default"
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     with pytest.raises(ValueError, match="adapter_name"):

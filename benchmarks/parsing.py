@@ -16,7 +16,6 @@ The tables are printed and appended to `benchmarks/RESULTS.md`.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import append_results
-from trl_inference_ext.tools.parsers import PARSER_NAMES, get_parser
+from trl_inference_ext.tools.parsers import PARSER_NAMES, get_format, get_parser
 
 MB = 1 << 20
 TARGET_MB_S = 20.0
@@ -69,48 +68,11 @@ def _arguments(rng: random.Random) -> dict[str, Any]:
     return dict(rng.sample(pool, rng.randint(0, len(pool))))
 
 
-def _xml_value(value: Any) -> str:
-    raw = value if isinstance(value, str) else json.dumps(value)
-    return raw.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _render(fmt: str, calls: list[tuple[str, dict[str, Any]]], rng: random.Random) -> str:
-    if fmt in ("hermes", "auto"):
-        return "\n".join(
-            f"<tool_call>\n{json.dumps({'name': n, 'arguments': a}, ensure_ascii=False)}\n</tool_call>"
-            for n, a in calls
-        )
-    if fmt == "json":
-        body = "\n".join(json.dumps({"tool": n, "arguments": a}, ensure_ascii=False) for n, a in calls)
-        return f"```json\n{body}\n```" if rng.random() < 0.5 else body
-    if fmt == "llama3_json":
-        return "<|python_tag|>" + "; ".join(json.dumps({"name": n, "parameters": a}) for n, a in calls)
-    if fmt == "mistral":
-        return "[TOOL_CALLS]" + json.dumps([{"name": n, "arguments": a} for n, a in calls])
-    if fmt == "qwen3_xml":
-        blocks = []
-        for name, arguments in calls:
-            params = "".join(
-                f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}\n</parameter>\n"
-                for k, v in arguments.items()
-            )
-            blocks.append(f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>")
-        return "\n".join(blocks)
-    if fmt == "xml":
-        invokes = "".join(
-            f'<invoke name="{n}">'
-            + "".join(f'<parameter name="{k}">{_xml_value(v)}</parameter>' for k, v in a.items())
-            + "</invoke>"
-            for n, a in calls
-        )
-        return f"<function_calls>{invokes}</function_calls>"
-    if fmt == "function":
-        return "[" + ", ".join(f"{n}({', '.join(f'{k}={v!r}' for k, v in a.items())})" for n, a in calls) + "]"
-    raise ValueError(fmt)
-
-
 def realistic_samples(fmt: str, count: int, seed: int = 0) -> tuple[list[str], int]:
-    """Model-like outputs in format `fmt` and the number of calls they hold."""
+    """Model-like outputs whose calls are written by the renderer of format `fmt`, and the number of calls they hold.
+
+    `auto` samples use the format `auto` prompts with (`registry.DEFAULT_FORMAT`).
+    """
     rng = random.Random(seed)
     samples, total_calls = [], 0
     for _ in range(count):
@@ -121,11 +83,14 @@ def realistic_samples(fmt: str, count: int, seed: int = 0) -> tuple[list[str], i
             parts.append(f"<think>\n{_prose(rng, 80)}\n</think>\n")
         parts.append(_prose(rng, rng.randint(200, 600)))
         if calls:
-            parts.append("\n\n" + _render(fmt, calls, rng) + "\n")
+            parts.append("\n\n" + get_format(fmt).render(calls) + "\n")
         if rng.random() < 0.3:
             parts.append(_prose(rng, 40))
         samples.append("".join(parts))
     return samples, total_calls
+
+
+_QWEN3_VALUE = "<tool_call>\n<function=f>\n<parameter=x>\n"
 
 
 def adversarial_inputs() -> dict[str, str]:
@@ -149,6 +114,11 @@ def adversarial_inputs() -> dict[str, str]:
         "qwen3_openings": "<tool_call><function=a><parameter=b>" * (MB // 36),
         "think_openings": "<think>" * (MB // 7),
         "identifier": "a" * MB,
+        "qwen3_value_parameters": _QWEN3_VALUE + "<parameter=a>" * (MB // 13),
+        "qwen3_value_closes": _QWEN3_VALUE + "</parameter> x" * (MB // 14),
+        "qwen3_value_quoted_tags": _QWEN3_VALUE + '"<parameter=a>"' * (MB // 15),
+        "qwen3_value_regions": _QWEN3_VALUE + "<function=a><tool_call>" * (MB // 46) + "</function>" * (MB // 22),
+        "qwen3_unclosed_values": "<tool_call><function=f><parameter=a>1<parameter=b>2</function>" * (MB // 62),
     }
 
 
@@ -210,7 +180,9 @@ def main() -> None:
     notes = (
         f"Target: >= {TARGET_MB_S:.0f} MB/s on realistic text per parser, measured in CPU time (`time.process_time`, "
         "best of the repeats) so that other load on a shared machine does not skew it; the wall-clock column is "
-        "given for reference. `auto` samples use the hermes format (read by its first format, qwen3_xml)."
+        "given for reference. Calls are written by each format's renderer (`tools.parsers.registry.FORMATS`); `auto` "
+        "samples use the hermes format (read by its first format, qwen3_xml). Every parse is strict, so a parser that "
+        "raises stops the benchmark."
     )
     append_results("Tool-call parsing" + (" (--quick)" if args.quick else ""), table, notes)
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trl_inference_ext.tools.parsers import PARSER_NAMES, get_parser
+from trl_inference_ext.tools.parsers import PARSER_NAMES, get_format, get_parser
 from trl_inference_ext.types import TOOL_CALL_STATUSES, ToolCall
 
 FRAGMENTS = [
@@ -86,19 +86,10 @@ calls = st.lists(st.tuples(identifiers, arguments), min_size=1, max_size=3)
 
 
 def render(fmt: str, parsed: list[tuple[str, dict[str, Any]]]) -> str:
-    if fmt == "hermes":
-        return "\n".join(f"<tool_call>\n{json.dumps({'name': n, 'arguments': a})}\n</tool_call>" for n, a in parsed)
-    if fmt == "json":
-        return "\n".join(json.dumps({"tool": n, "arguments": a}, ensure_ascii=False) for n, a in parsed)
-    if fmt == "llama3_json":
-        return "<|python_tag|>" + "; ".join(json.dumps({"name": n, "parameters": a}) for n, a in parsed)
-    if fmt == "mistral":
-        return "[TOOL_CALLS]" + json.dumps([{"name": n, "arguments": a} for n, a in parsed])
+    """The format's own renderer; `mistral_v11` is Mistral's other layout, `[TOOL_CALLS]name[ARGS]{...}` per call."""
     if fmt == "mistral_v11":
         return "".join(f"[TOOL_CALLS]{n}[ARGS]{json.dumps(a)}" for n, a in parsed)
-    if fmt == "function":
-        return "[" + ", ".join(f"{n}({', '.join(f'{k}={v!r}' for k, v in a.items())})" for n, a in parsed) + "]"
-    raise ValueError(fmt)
+    return get_format(fmt).render(parsed)
 
 
 @pytest.mark.parametrize("fmt", ["hermes", "json", "llama3_json", "mistral", "mistral_v11", "function"])

@@ -13,6 +13,8 @@ Formats: `function` (`search(query="x")`), `hermes` (`<tool_call>{json}</tool_ca
 (bare `{"tool": ..., "arguments": ...}` objects), `llama3_json` (`<|python_tag|>{"name": ..., "parameters": ...}`),
 `mistral` (`[TOOL_CALLS]...`), `qwen3_xml` (`<tool_call><function=...>`, Qwen3-Coder) and `xml`
 (`<invoke>...</invoke>`). `auto` picks the format from the chat template when it can, else tries them all.
+Each format is a `ToolFormat` (parser, renderer, prompt instruction, template markers, special tokens) listed once
+in `registry.FORMATS`; `get_format(name).render(calls)` writes calls the way its parser reads them.
 
 Every parser returns all calls in order of position, malformed ones included (see `TOOL_CALL_STATUSES`), never
 raises, ignores `<think>...</think>` reasoning, runs in linear time, and ignores input past `MAX_INPUT_CHARS`.
@@ -20,27 +22,19 @@ raises, ignores `<think>...</think>` reasoning, runs in linear time, and ignores
 
 from __future__ import annotations
 
+from ._format import Call, ToolFormat
 from ._schema import ToolSchemas
 from .auto import AUTO_ORDER, PARSER_CLASSES, AutoParser
 from .base import MAX_CALLS, MAX_INPUT_CHARS, ToolParser
-
-PARSER_NAMES = ("auto", "function", "hermes", "json", "llama3_json", "mistral", "qwen3_xml", "xml")
-"""Every name `get_parser` accepts."""
-
-_TEMPLATE_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("qwen3_xml", ("<tool_call>", "<function=")),
-    ("hermes", ("<tool_call>",)),
-    ("mistral", ("[TOOL_CALLS]",)),
-    ("llama3_json", ("<|python_tag|>",)),
-    ("xml", ("<function_calls>", "<invoke")),
-)
+from .registry import FORMATS, PARSER_NAMES, detect_format, get_format, normalize_name
 
 
 def detect_parser_from_template(chat_template: str | None) -> str | None:
     """Recognises the tool-call format a chat template teaches the model.
 
-    Checked in order: `<tool_call>` with `<function=` → `"qwen3_xml"`; `<tool_call>` → `"hermes"`; `[TOOL_CALLS]` →
-    `"mistral"`; `<|python_tag|>` → `"llama3_json"`; `<function_calls>` with `<invoke` → `"xml"`.
+    Each format of `registry.FORMATS` is checked in order by its template markers: `<tool_call>` with `<function=`
+    → `"qwen3_xml"`; `<tool_call>` → `"hermes"`; `[TOOL_CALLS]` → `"mistral"`; `<|python_tag|>` → `"llama3_json"`;
+    `<function_calls>` with `<invoke` → `"xml"`.
 
     Args:
         chat_template (`str`, *optional*): The tokenizer's chat template (Jinja source).
@@ -48,12 +42,8 @@ def detect_parser_from_template(chat_template: str | None) -> str | None:
     Returns:
         `str | None`: The parser name, or `None` when the template is missing or not recognised.
     """
-    if not isinstance(chat_template, str) or not chat_template:
-        return None
-    for name, markers in _TEMPLATE_MARKERS:
-        if all(marker in chat_template for marker in markers):
-            return name
-    return None
+    detected = detect_format(chat_template)
+    return detected.name if detected is not None else None
 
 
 def get_parser(name: str, *, chat_template: str | None = None, tool_schemas: ToolSchemas | None = None) -> ToolParser:
@@ -76,24 +66,27 @@ def get_parser(name: str, *, chat_template: str | None = None, tool_schemas: Too
         ValueError: If `name` is not a known parser name.
         TypeError: If `tool_schemas` is not a list of dicts.
     """
-    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else None
-    if key not in PARSER_NAMES:
-        raise ValueError(f"Unknown `tool_parser` {name!r}; expected one of: {', '.join(PARSER_NAMES)}.")
+    key = normalize_name(name)
     if key == "auto":
-        detected = detect_parser_from_template(chat_template)
+        detected = detect_format(chat_template)
         if detected is None:
             return AutoParser(tool_schemas=tool_schemas)
-        key = detected
+        return detected.parser(tool_schemas=tool_schemas)
     return PARSER_CLASSES[key](tool_schemas=tool_schemas)
 
 
 __all__ = [
     "AUTO_ORDER",
+    "FORMATS",
     "MAX_CALLS",
     "MAX_INPUT_CHARS",
+    "PARSER_CLASSES",
     "PARSER_NAMES",
     "AutoParser",
+    "Call",
+    "ToolFormat",
     "ToolParser",
     "detect_parser_from_template",
+    "get_format",
     "get_parser",
 ]

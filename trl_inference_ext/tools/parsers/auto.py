@@ -5,31 +5,15 @@ from __future__ import annotations
 from ...types import ToolCall
 from ._schema import ToolSchemas
 from .base import ToolParser
-from .function import FunctionParser
-from .hermes import HermesParser
-from .json_format import JsonParser
-from .llama3_json import Llama3JsonParser
-from .mistral import MistralParser
-from .qwen3_xml import Qwen3XmlParser
-from .xml_format import XmlParser
+from .registry import FORMATS
 
 AUTO_ORDER = ("qwen3_xml", "mistral", "xml", "json", "function")
 """Formats tried by `AutoParser`: markup-delimited formats first, bare JSON next, Python-style calls (the format most
 prone to false positives in prose) last. `hermes` and `llama3_json` need no turn of their own: `qwen3_xml` also reads
 JSON payloads in `<tool_call>` blocks, and `json` accepts `{"name": ..., "parameters": ...}` objects anywhere."""
 
-PARSER_CLASSES: dict[str, type[ToolParser]] = {
-    parser.name: parser
-    for parser in (
-        FunctionParser,
-        HermesParser,
-        JsonParser,
-        Llama3JsonParser,
-        MistralParser,
-        Qwen3XmlParser,
-        XmlParser,
-    )
-}
+PARSER_CLASSES: dict[str, type[ToolParser]] = {tool_format.name: tool_format.parser for tool_format in FORMATS}
+"""The parser class of each format, by name (from `registry.FORMATS`)."""
 
 
 class AutoParser(ToolParser):

@@ -24,10 +24,13 @@ import math
 import re
 import string
 import warnings
+from collections.abc import Sequence
+from keyword import iskeyword
 from typing import Any
 
 from ...types import ToolCall
 from ._decode import make_call
+from ._format import Call, ToolFormat
 from ._scan import ParenMatcher, rstrip_end
 from .base import MAX_CALLS, ToolParser
 
@@ -146,3 +149,34 @@ class FunctionParser(ToolParser):
                 error = f"argument {keyword.arg!r} is not a literal value"
                 return make_call(text, start, end, name, None, "invalid_arguments", error)
         return make_call(text, start, end, name, arguments)
+
+
+def render_function(calls: Sequence[Call]) -> str:
+    """Writes calls as Python calls with literal keyword arguments; several calls go in a list.
+
+    Domain: dotted identifiers (up to four parts of up to 64 characters, no keyword) as names and identifiers as
+    argument names (the first one up to 64 characters); values that are JSON-compatible (`None`, booleans, numbers,
+    strings, lists, and dicts with string keys), written with `repr`.
+
+    Args:
+        calls (`Sequence[tuple[str, Mapping[str, Any]]]`): `(name, arguments)` pairs.
+
+    Raises:
+        ValueError: If a name or an argument name cannot be written as Python.
+    """
+    written = []
+    for name, arguments in calls:
+        if not _DOTTED_NAME.fullmatch(name) or any(iskeyword(part) for part in name.split(".")):
+            raise ValueError(f"{name!r} is not a Python call name")
+        for key in arguments:
+            if not key.isidentifier() or iskeyword(key):
+                raise ValueError(f"{key!r} is not a Python keyword argument name")
+        written.append(f"{name}({', '.join(f'{key}={value!r}' for key, value in arguments.items())})")
+    return written[0] if len(written) == 1 else f"[{', '.join(written)}]" if written else ""
+
+
+FORMAT = ToolFormat(
+    parser=FunctionParser,
+    render=render_function,
+    instruction='<tool name>(<argument>="value", <other argument>=5)',
+)

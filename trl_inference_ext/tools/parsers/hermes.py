@@ -16,10 +16,12 @@ call objects, and a ```json fence around the JSON is tolerated.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import pairwise
 
 from ...types import ToolCall
 from ._decode import make_call
+from ._format import Call, ToolFormat, dump_json
 from ._json_calls import CallKeys, JsonCallExtractor
 from ._scan import Block, empty_pair_end, iter_blocks, rstrip_end, scan_json, skip_space
 from .base import MAX_CALLS, ToolParser
@@ -107,3 +109,27 @@ class HermesParser(ToolParser):
     def _parse_body(self, text: str, view: str, block: Block, start: int, max_calls: int) -> list[ToolCall]:
         """The calls of one `<tool_call>` block whose body starts (after white space) at `start`."""
         return parse_json_block(text, view, block, start, max_calls=max_calls)
+
+
+def render_hermes(calls: Sequence[Call]) -> str:
+    """Writes calls as `hermes` blocks, one `<tool_call>` per call, one per line.
+
+    Domain: any non-blank name without surrounding white space, any JSON-compatible arguments.
+
+    Args:
+        calls (`Sequence[tuple[str, Mapping[str, Any]]]`): `(name, arguments)` pairs.
+    """
+    return "\n".join(
+        f"{TOOL_CALL_OPEN}\n{dump_json({'name': name, 'arguments': dict(arguments)})}\n{TOOL_CALL_CLOSE}"
+        for name, arguments in calls
+    )
+
+
+FORMAT = ToolFormat(
+    parser=HermesParser,
+    render=render_hermes,
+    instruction=f'{TOOL_CALL_OPEN}\n{{"name": "<tool name>", "arguments": {{"<argument>": <value>}}}}\n'
+    f"{TOOL_CALL_CLOSE}",
+    template_markers=(TOOL_CALL_OPEN,),
+    special_tokens=(TOOL_CALL_OPEN, TOOL_CALL_CLOSE, "<tool_response>", "</tool_response>"),
+)

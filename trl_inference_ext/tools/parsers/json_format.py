@@ -11,7 +11,10 @@ A JSON object that names no tool and has no arguments is prose; one with argumen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ...types import ToolCall
+from ._format import Call, ToolFormat, dump_json
 from ._json_calls import CallKeys, JsonCallExtractor
 from ._scan import scan_json
 from .base import MAX_CALLS, ToolParser
@@ -33,3 +36,21 @@ class JsonParser(ToolParser):
             return []
         extractor.add_nodes(scan_json(view, decoded=extractor.decoded))
         return extractor.finish()
+
+
+def render_json(calls: Sequence[Call]) -> str:
+    """Writes calls as bare `{"tool": ..., "arguments": ...}` objects, one per line.
+
+    Domain: any non-blank name without surrounding white space, any JSON-compatible arguments.
+
+    Args:
+        calls (`Sequence[tuple[str, Mapping[str, Any]]]`): `(name, arguments)` pairs.
+    """
+    return "\n".join(dump_json({"tool": name, "arguments": dict(arguments)}) for name, arguments in calls)
+
+
+FORMAT = ToolFormat(
+    parser=JsonParser,
+    render=render_json,
+    instruction='{"tool": "<tool name>", "arguments": {"<argument>": <value>}}',
+)

@@ -12,9 +12,13 @@ format, whose calls may omit their arguments, would read a call to `Alice` there
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from ._format import Call, ToolFormat, dump_json
 from ._json_calls import CallKeys
 from .json_format import JsonParser
 
+PYTHON_TAG = "<|python_tag|>"
 LLAMA3_KEYS = CallKeys(names=("name",), arguments=("parameters", "arguments"), require_arguments=True)
 
 
@@ -23,3 +27,25 @@ class Llama3JsonParser(JsonParser):
 
     name = "llama3_json"
     keys = LLAMA3_KEYS
+
+
+def render_llama3_json(calls: Sequence[Call]) -> str:
+    """Writes calls after `<|python_tag|>` as `{"name": ..., "parameters": ...}` objects separated by `; `.
+
+    Domain: any non-blank name without surrounding white space, any JSON-compatible arguments.
+
+    Args:
+        calls (`Sequence[tuple[str, Mapping[str, Any]]]`): `(name, arguments)` pairs.
+    """
+    if not calls:
+        return ""
+    return PYTHON_TAG + "; ".join(dump_json({"name": name, "parameters": dict(arguments)}) for name, arguments in calls)
+
+
+FORMAT = ToolFormat(
+    parser=Llama3JsonParser,
+    render=render_llama3_json,
+    instruction='{"name": "<tool name>", "parameters": {"<argument>": <value>}}',
+    template_markers=(PYTHON_TAG,),
+    special_tokens=(PYTHON_TAG,),
+)

@@ -14,10 +14,12 @@ neither JSON nor `name{...}`, the first `[{"...` or `{"name": ...` after it is r
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from itertools import chain
 
 from ...types import ToolCall
 from ._decode import coerce_arguments, loads, make_call, raw_decode
+from ._format import Call, ToolFormat, dump_json
 from ._json_calls import CallKeys, JsonCallExtractor
 from ._scan import NextFinder, empty_pair_end, rstrip_end, scan_json, skip_space
 from .base import MAX_CALLS, ToolParser
@@ -181,3 +183,25 @@ class MistralParser(ToolParser):
         if arguments is None:
             return make_call(text, start, node_end, name, None, "invalid_arguments", error), node_end
         return make_call(text, start, node_end, name, arguments), node_end
+
+
+def render_mistral(calls: Sequence[Call]) -> str:
+    """Writes calls as one `[TOOL_CALLS]` marker followed by a JSON list of `{"name": ..., "arguments": ...}`.
+
+    Domain: any non-blank name without surrounding white space, any JSON-compatible arguments.
+
+    Args:
+        calls (`Sequence[tuple[str, Mapping[str, Any]]]`): `(name, arguments)` pairs.
+    """
+    if not calls:
+        return ""
+    return TOOL_CALLS + dump_json([{"name": name, "arguments": dict(arguments)} for name, arguments in calls])
+
+
+FORMAT = ToolFormat(
+    parser=MistralParser,
+    render=render_mistral,
+    instruction=f'{TOOL_CALLS}[{{"name": "<tool name>", "arguments": {{"<argument>": <value>}}}}]',
+    template_markers=(TOOL_CALLS,),
+    special_tokens=(TOOL_CALLS, "[ARGS]", "[CALL_ID]"),
+)

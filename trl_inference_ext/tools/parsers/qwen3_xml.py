@@ -23,14 +23,15 @@ and XML. Where a value ends is decided by these rules, in order of position from
 
 1. Tags inside a value are text, unless a rule below says otherwise. A `<function=...>` or `<tool_call>` written in
    the value opens a *literal* region that its own `</function>` or `</tool_call>` closes; everything inside a
-   literal region is text (a quoted fixture of a whole call stays in the value).
+   literal region is text (a fixture of a whole call stays in the value). A tag written between two identical
+   quotes (`"<tool_call>"`, also with `'` or a backtick) is text everywhere: it opens, closes and ends nothing.
 2. Outside literal regions, a `</parameter>` closes the value when what follows it (after white space) is
    `<parameter=`, `</function>` or the end of the text. Followed by `</tool_call>` or `<tool_call>`, it closes the
    value but the function was never closed (the call is `invalid_arguments`). Followed by anything else it is text
    (`x = "</parameter>"`).
 3. Outside literal regions, a well-formed `<parameter=NAME>` is a new parameter of the same function: the open value
    was left unclosed and ends there (`<parameter=path>notes.txt<parameter=mode>append</parameter>` gives both
-   parameters), unless it is literal text: quoted (`"<parameter=x>"`, also with `'` or a backtick) or paired with a
+   parameters), unless it is literal text: quoted (`"<parameter=x>"`) or paired with a
    later `</parameter>` that rule 2 does not count as closing (`Write <parameter=x>v</parameter> here`), in which
    case the value is kept whole.
 4. Outside literal regions, an unquoted `</function>` or `</tool_call>` ends the unclosed value, and the function
@@ -51,10 +52,12 @@ Every scan moves forward, each tag is visited once, and literal regions are trac
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from ...types import ToolCall
 from ._decode import make_call
+from ._format import Call, ToolFormat, dump_json
 from ._scan import MAX_DEPTH, NextFinder, block_at, rstrip_end, skip_space
 from ._schema import convert_value
 from .base import MAX_CALLS, ToolParser
@@ -143,12 +146,13 @@ def _scan_value(view: str, key: str, start: int) -> _Value:
     for match in _TAG.finditer(view, start):
         tag, at = match.group(), match.start()
         if tag in _REGION_CLOSE:
-            if len(literal) < MAX_DEPTH:
+            tag_end = _read_name(view, match.end())[1] if tag == FUNCTION_OPEN else match.end()
+            if len(literal) < MAX_DEPTH and not (tag_end >= 0 and _quoted(view, at, tag_end)):
                 literal.append(_REGION_CLOSE[tag])
                 open_regions[_REGION_CLOSE[tag]] += 1
             continue
         if literal:
-            if open_regions.get(tag):
+            if open_regions.get(tag) and not _quoted(view, at, match.end()):
                 while True:
                     closing = literal.pop()
                     open_regions[closing] -= 1
@@ -324,3 +328,52 @@ class Qwen3XmlParser(ToolParser):
                 call.block_end = value.after
                 return value.after
             pos = value.after
+
+
+def _written_name(name: str, what: str) -> str:
+    if not name or name != name.strip() or any(char in name for char in "<>\n"):
+        raise ValueError(f"{name!r} cannot be written as a {what} name")
+    return name
+
+
+def _written_value(value: Any) -> str:
+    return value if isinstance(value, str) else dump_json(value).replace("<", "\\u003c")
+
+
+def render_qwen3_xml(calls: Sequence[Call]) -> str:
+    """Writes calls as Qwen3-Coder blocks: one `<tool_call>` per call, each value on its own lines.
+
+    Strings are written as they are, other values as JSON (with `<` escaped as `\\u003c`, so that no tag appears in
+    them). Domain: names and parameter names without `<`, `>`, newlines or surrounding white space; string values
+    that are not themselves valid JSON (those would be read back decoded, as the parser does without a schema) and
+    that keep the format's tags literal by the rules of this module.
+
+    Args:
+        calls (`Sequence[tuple[str, Mapping[str, Any]]]`): `(name, arguments)` pairs.
+
+    Raises:
+        ValueError: If a name or a parameter name cannot be written in this format.
+    """
+    blocks = []
+    for name, arguments in calls:
+        parameters = "".join(
+            f"{PARAMETER_OPEN}{_written_name(key, 'parameter')}>\n{_written_value(value)}\n{PARAMETER_CLOSE}\n"
+            for key, value in arguments.items()
+        )
+        blocks.append(
+            f"{TOOL_CALL_OPEN}\n{FUNCTION_OPEN}{_written_name(name, 'function')}>\n{parameters}{FUNCTION_CLOSE}\n"
+            f"{TOOL_CALL_CLOSE}"
+        )
+    return "\n".join(blocks)
+
+
+FORMAT = ToolFormat(
+    parser=Qwen3XmlParser,
+    render=render_qwen3_xml,
+    instruction=(
+        f"{TOOL_CALL_OPEN}\n{FUNCTION_OPEN}<tool name>>\n{PARAMETER_OPEN}<argument>>\nvalue\n{PARAMETER_CLOSE}\n"
+        f"{FUNCTION_CLOSE}\n{TOOL_CALL_CLOSE}"
+    ),
+    template_markers=(TOOL_CALL_OPEN, FUNCTION_OPEN),
+    special_tokens=(TOOL_CALL_OPEN, TOOL_CALL_CLOSE, "<tool_response>", "</tool_response>"),
+)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from ...types import ToolCall
 from ._decode import make_call
+from ._format import Call, ToolFormat, dump_json
 from ._scan import NextFinder, rstrip_end
 from ._schema import convert_value
 from .base import MAX_CALLS, ToolParser
@@ -30,6 +32,8 @@ from .qwen3_xml import trim_value
 
 INVOKE_OPEN = "<invoke"
 INVOKE_CLOSE = "</invoke>"
+FUNCTION_CALLS_OPEN = "<function_calls>"
+FUNCTION_CALLS_CLOSE = "</function_calls>"
 MAX_TAG_CHARS = 1024
 
 _NAME_ATTRIBUTE = re.compile(r"""(?:^|\s)name\s{0,16}=\s{0,16}(?:"([^"<>]{0,256})"|'([^'<>]{0,256})')""")
@@ -197,3 +201,47 @@ class XmlParser(ToolParser):
             value = trim_value(xml_text(view[match.end() : closing]))
             arguments[key] = convert_value(value, properties.get(key) if properties else None)
             pos = closing + len("</parameter>")
+
+
+def render_xml(calls: Sequence[Call]) -> str:
+    """Writes calls as `<invoke name="...">` elements with `<parameter name="...">` children in one block.
+
+    Names and values are XML-escaped; values that are not strings are written as JSON, and each value stands on its
+    own lines. Domain: names and parameter names without surrounding white space and up to 40 characters; string
+    values that are not themselves valid JSON (those would be read back decoded, as the parser does without a schema).
+
+    Args:
+        calls (`Sequence[tuple[str, Mapping[str, Any]]]`): `(name, arguments)` pairs.
+
+    Raises:
+        ValueError: If a name or a parameter name cannot be written in this format.
+    """
+    if not calls:
+        return ""
+    invokes = []
+    for name, arguments in calls:
+        parameters = "".join(
+            f'<parameter name="{_written_name(key)}">\n'
+            f"{html.escape(value if isinstance(value, str) else dump_json(value), quote=False)}\n</parameter>\n"
+            for key, value in arguments.items()
+        )
+        invokes.append(f'{INVOKE_OPEN} name="{_written_name(name)}">\n{parameters}{INVOKE_CLOSE}\n')
+    return f"{FUNCTION_CALLS_OPEN}\n{''.join(invokes)}{FUNCTION_CALLS_CLOSE}"
+
+
+def _written_name(name: str) -> str:
+    escaped = html.escape(name, quote=True)
+    if not name or name != name.strip() or len(escaped) > 256:
+        raise ValueError(f"{name!r} cannot be written as an XML name attribute")
+    return escaped
+
+
+FORMAT = ToolFormat(
+    parser=XmlParser,
+    render=render_xml,
+    instruction=(
+        f"{FUNCTION_CALLS_OPEN}\n<invoke>\n<tool_name><tool name></tool_name>\n<parameters>\n"
+        f"<argument name as tag>value</argument name as tag>\n</parameters>\n</invoke>\n{FUNCTION_CALLS_CLOSE}"
+    ),
+    template_markers=(FUNCTION_CALLS_OPEN, INVOKE_OPEN),
+)

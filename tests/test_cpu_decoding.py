@@ -46,7 +46,9 @@ def test_matches_transformers_sdpa(with_mask: bool, q_len: int):
     ours, _ = grouped_sdpa_attention(Attention(), query, key, value, mask, scaling=0.3)
     reference, _ = sdpa_attention_forward(Attention(), query, key, value, mask, scaling=0.3)
     assert ours.shape == reference.shape == (3, q_len, 6, 8)
-    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    # Two attention kernels (grouped against repeated key/value heads) whose float32 reductions may run in another
+    # order on another CPU: 1e-5 on outputs of magnitude about 1, where a wrong mask or head grouping is off by 0.1.
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
 
 
 def test_switch_is_scoped_and_used_while_sampling(gqa_model_dir: str):
@@ -95,7 +97,8 @@ def test_weight_major_linear_matches_linear(shape: tuple[int, ...], with_bias: b
     bias = torch.randn(96) if with_bias else None
     out = weight_major_linear(x, weight, bias)
     assert out.shape == (*shape[:-1], 96) and out.is_contiguous()
-    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    # 64-term float32 dot products of magnitude ~8 summed in another order: 1e-4 holds on any CPU
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
 
 
 def test_weight_major_routing_rules():

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Union
 
+from .tools.parsers.registry import marker_tokens
+
 Message = dict[str, Any]
 PromptLike = Union[str, Sequence[int], Sequence[Message]]
 
@@ -89,19 +91,11 @@ def encode_response(tokenizer: Any, response: Any, argname: str, *, vocab_size: 
     return check_ids(response, vocab_size, argname)
 
 
-TOOL_MARKERS = frozenset(
-    {
-        "<tool_call>",
-        "</tool_call>",
-        "<|python_tag|>",
-        "[TOOL_CALLS]",
-        "<think>",
-        "</think>",
-        "<tool_response>",
-        "</tool_response>",
-    }
-)
-"""Tokens that some tokenizers mark special but that carry tool-call or reasoning structure: kept when decoding."""
+TOOL_MARKERS: frozenset[str] = marker_tokens()
+"""Tokens that some tokenizers mark special but that carry tool-call or reasoning structure: kept when decoding.
+
+They are the special tokens of every registered tool-call format (`tools.parsers.registry.FORMATS`: `<tool_call>`,
+`<|python_tag|>`, `[TOOL_CALLS]`, `[ARGS]`, ...) and the reasoning markers `<think>` and `</think>`."""
 
 
 class CompletionDecoder:

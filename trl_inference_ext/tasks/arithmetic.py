@@ -13,6 +13,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from ..tools.parsers import get_format
+
 MAX_EXPRESSION_CHARS = 200
 MAX_NODES = 64
 _BINARY = {
@@ -62,31 +64,42 @@ def _evaluate(node: ast.AST) -> float:
     raise ValueError(f"unsupported expression element: {type(node).__name__}")
 
 
-def worked_example() -> list[dict[str, Any]]:
-    """One solved exchange (question, calculator call, result, answer) that shows a small model the call format."""
+def worked_example(tool_parser: str = "hermes") -> list[dict[str, Any]]:
+    """One solved exchange (question, calculator call, result, answer) that shows a small model the call format.
+
+    Args:
+        tool_parser (`str`, *optional*, defaults to `"hermes"`): The tool-call format the model is prompted with and
+            parsed by (a name from `tools.parsers.PARSER_NAMES`; `"auto"` shows `registry.DEFAULT_FORMAT`). The call
+            is written by that format's renderer, so the example always parses with the same parser.
+
+    Raises:
+        ValueError: If `tool_parser` is not a known parser name.
+    """
+    call = get_format(tool_parser).render([("calculator", {"expression": "3 * 14"})])
     return [
         {"role": "user", "content": "Sam has 3 bags with 14 marbles each. How many marbles does Sam have?"},
-        {
-            "role": "assistant",
-            "content": '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3 * 14"}}\n</tool_call>',
-        },
+        {"role": "assistant", "content": call},
         {"role": "tool", "name": "calculator", "content": "42"},
         {"role": "assistant", "content": "Sam has 42 marbles."},
     ]
 
 
-def make_problems(n: int, seed: int = 0, max_operand: int = 50, few_shot: bool = False) -> list[dict[str, Any]]:
+def make_problems(
+    n: int, seed: int = 0, max_operand: int = 50, few_shot: bool = False, tool_parser: str = "hermes"
+) -> list[dict[str, Any]]:
     """Generates `n` word problems as chat prompts with their integer answers.
 
     Args:
         n (`int`): Number of problems.
         seed (`int`, *optional*, defaults to 0): Seed; the same seed gives the same problems.
         max_operand (`int`, *optional*, defaults to 50): Largest operand.
-        few_shot (`bool`, *optional*, defaults to `False`): Start each conversation with `worked_example()`.
+        few_shot (`bool`, *optional*, defaults to `False`): Start each conversation with `worked_example(tool_parser)`.
+        tool_parser (`str`, *optional*, defaults to `"hermes"`): The tool-call format of the worked example.
 
     Returns:
         `list[dict]`: Rows with `prompt` (a conversation ending with the question) and `answer` (an `int`).
     """
+    prefix = worked_example(tool_parser) if few_shot else []
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -97,8 +110,7 @@ def make_problems(n: int, seed: int = 0, max_operand: int = 50, few_shot: bool =
         answer = {"+": a + b, "-": a - b, "*": a * b}[op]
         question = template.format(name=rng.choice(_NAMES), a=a, b=b)
         content = f"{question} Use the calculator tool, then give the final answer as a number."
-        prefix = worked_example() if few_shot else []
-        rows.append({"prompt": [*prefix, {"role": "user", "content": content}], "answer": answer})
+        rows.append({"prompt": [*map(dict, prefix), {"role": "user", "content": content}], "answer": answer})
     return rows
 
 

@@ -5,23 +5,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .parsers import get_format
+
 _PROBE_NAME = "trl_inference_ext_probe_tool"
 
-CALL_FORMATS: dict[str, str] = {
-    "json": '{"tool": "<tool name>", "arguments": {"<argument>": <value>}}',
-    "xml": (
-        "<function_calls>\n<invoke>\n<tool_name><tool name></tool_name>\n<parameters>\n"
-        "<argument name as tag>value</argument name as tag>\n</parameters>\n</invoke>\n</function_calls>"
-    ),
-    "function": '<tool name>(<argument>="value", <other argument>=5)',
-    "hermes": '<tool_call>\n{"name": "<tool name>", "arguments": {"<argument>": <value>}}\n</tool_call>',
-    "llama3_json": '{"name": "<tool name>", "parameters": {"<argument>": <value>}}',
-    "mistral": '[TOOL_CALLS][{"name": "<tool name>", "arguments": {"<argument>": <value>}}]',
-    "qwen3_xml": (
-        "<tool_call>\n<function=<tool name>>\n<parameter=<argument>>\nvalue\n</parameter>\n</function>\n</tool_call>"
-    ),
-}
-CALL_FORMATS["auto"] = CALL_FORMATS["hermes"]
+
+def call_instruction(parser_name: str, chat_template: str | None = None) -> str:
+    """The call layout a prompt shows for a tool-call format (the format's `ToolFormat.instruction`).
+
+    Args:
+        parser_name (`str`): A name from `tools.parsers.PARSER_NAMES`; `"auto"` is the format the chat template
+            teaches, else `registry.DEFAULT_FORMAT`.
+        chat_template (`str`, *optional*): The tokenizer's chat template, used for `"auto"`.
+
+    Raises:
+        ValueError: If `parser_name` is not a known parser name.
+    """
+    return get_format(parser_name, chat_template=chat_template).instruction
 
 
 def template_renders_tools(tokenizer: Any) -> bool:
@@ -43,14 +43,24 @@ def template_renders_tools(tokenizer: Any) -> bool:
     return renders
 
 
-def tool_preamble(schemas: list[dict[str, Any]], parser_name: str) -> str:
-    """A plain-text description of the tools and of the exact call format the selected parser reads."""
+def tool_preamble(schemas: list[dict[str, Any]], parser_name: str, *, chat_template: str | None = None) -> str:
+    """A plain-text description of the tools and of the exact call format the selected parser reads.
+
+    Args:
+        schemas (`list[dict]`): Normalised tool schemas.
+        parser_name (`str`): The tool-call format (see `call_instruction`).
+        chat_template (`str`, *optional*): The tokenizer's chat template, used when `parser_name` is `"auto"`.
+
+    Raises:
+        ValueError: If `parser_name` is not a known parser name.
+    """
+    instruction = call_instruction(parser_name, chat_template)
     lines = ["You can call the following tools:"]
     lines += [json.dumps(s["function"], ensure_ascii=False) for s in schemas]
     lines += [
         "",
         "To call a tool, write exactly:",
-        CALL_FORMATS.get(parser_name, CALL_FORMATS["json"]),
+        instruction,
         "Call several tools by repeating the format. If no tool is needed, answer directly.",
     ]
     return "\n".join(lines)
@@ -67,11 +77,13 @@ def build_tool_prompt(tokenizer: Any, prompt: Any, schemas: list[dict[str, Any]]
 
     Raises:
         TypeError: If `prompt` is token ids and tools must be added (ids cannot be augmented safely).
+        ValueError: If `parser_name` is not a known parser name.
     """
     if not schemas:
         return prompt
+    preamble = tool_preamble(schemas, parser_name, chat_template=getattr(tokenizer, "chat_template", None))
     if isinstance(prompt, str):
-        return f"{tool_preamble(schemas, parser_name)}\n\n{prompt}"
+        return f"{preamble}\n\n{prompt}"
     if not (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt)):
         raise TypeError("With `available_tools`, prompts must be strings or chat message lists, not token ids.")
     messages = [dict(m) for m in prompt]
@@ -80,7 +92,6 @@ def build_tool_prompt(tokenizer: Any, prompt: Any, schemas: list[dict[str, Any]]
             messages, tools=schemas, add_generation_prompt=True, tokenize=True, return_dict=True
         )
         return list(encoded["input_ids"])
-    preamble = tool_preamble(schemas, parser_name)
     if messages[0].get("role") == "system":
         messages[0]["content"] = f"{messages[0].get('content', '')}\n\n{preamble}"
     else:

@@ -25,10 +25,10 @@ from typing import Any
 from ...types import ToolCall
 from ._decode import make_call
 from ._format import Call, ToolFormat, dump_json
+from ._qwen3_values import trim_value
 from ._scan import NextFinder, rstrip_end
 from ._schema import convert_value
 from .base import MAX_CALLS, ToolParser
-from .qwen3_xml import trim_value
 
 INVOKE_OPEN = "<invoke"
 INVOKE_CLOSE = "</invoke>"

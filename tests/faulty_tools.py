@@ -87,10 +87,19 @@ def send_sigsegv() -> None:
 
 
 def allocate(megabytes: int) -> int:
-    """Allocates memory and keeps it.
+    """Allocates (and zero-fills) one block of memory.
 
     Args:
-        megabytes: How much to allocate.
+        megabytes: Size of the block.
+    """
+    return len(bytearray(megabytes * 2**20)) // 2**20
+
+
+def allocate_gradually(megabytes: int) -> int:
+    """Allocates memory one mebibyte at a time, keeping all of it.
+
+    Args:
+        megabytes: How much to allocate in all.
     """
     blocks = [bytearray(2**20) for _ in range(megabytes)]
     return len(blocks)

@@ -38,6 +38,7 @@ FAULTY = {
         "read_null_pointer",
         "send_sigsegv",
         "allocate",
+        "allocate_gradually",
         "huge_output",
         "raise_error",
         "call_sys_exit",
@@ -165,31 +166,44 @@ def test_fault_batch_in_worker_processes(capsys, no_process_left):
 
 @linux_only
 def test_worker_processes_queue_calls_within_one_deadline(no_process_left):
-    """Fewer workers than calls: the calls wait for a free worker, all within the turn's deadline."""
-    calls = [call("multiply", a=i, b=2) for i in range(6)] + [call("sleep_for", seconds=120) for _ in range(3)]
+    """Fewer workers than calls: calls wait for a free worker, and the turn still ends at its one deadline."""
+    hanging = 5  # one timeout per hanging call would take 5 x 3s, past the bound below
+    calls = [call("multiply", a=i, b=2) for i in range(6)] + [call("sleep_for", seconds=120)] * hanging
     with ToolExecutor(FAULTY, timeout=DEADLINE, max_workers=4) as executor:
+        executor.run([call("multiply", a=1, b=1)] * 4)  # start the workers
         start = time.perf_counter()
         results = executor.run(calls)
         wall = time.perf_counter() - start
     assert [r.content for r in results[:6]] == [str(2 * i) for i in range(6)]
-    assert [r.error for r in results[6:]] == ["timeout"] * 3
-    assert wall < 3 * DEADLINE  # the start of four workers plus one deadline, not one deadline per hanging call
+    assert [r.error for r in results[6:]] == ["timeout"] * hanging  # the fifth never found a free worker
+    assert wall < DEADLINE + MARGIN < hanging * DEADLINE
+
+
+@linux_only
+def test_memory_cap_stops_a_tool_that_fills_memory_step_by_step(no_process_left):
+    with ToolExecutor(FAULTY, timeout=60.0, max_workers=2, memory_limit=128 * MiB) as executor:
+        filled, fits = executor.run(
+            [call("allocate_gradually", megabytes=2048), call("allocate_gradually", megabytes=16)]
+        )
+        assert (filled.ok, filled.error, fits.content) == (False, "memory", "16")
+        assert executor.run([call("allocate_gradually", megabytes=16)])[0].content == "16"  # a fresh worker
 
 
 def test_threads_share_one_deadline_per_turn():
-    calls = [call("sleep_for", seconds=30) for _ in range(4)] + [
+    hanging, timeout = 12, 1.0
+    calls = [call("sleep_for", seconds=30)] * (hanging - 1) + [
         call("async_sleep_for", seconds=30),
         call("multiply", a=3, b=4),
         call("huge_output", chars=10**6),
     ]
-    executor = ToolExecutor(FAULTY, timeout=1.0, isolation="thread", max_output_chars=50)
+    executor = ToolExecutor(FAULTY, timeout=timeout, max_workers=16, isolation="thread", max_output_chars=50)
     start = time.perf_counter()
     results = executor.run(calls)
     wall = time.perf_counter() - start
     executor.close()
-    assert wall < 1.0 + MARGIN / 2  # one deadline for the turn, not 5 x 1s
-    assert [r.error for r in results] == ["timeout"] * 5 + [None, None]
-    assert results[5].content == "12" and results[6].content == "x" * 50 + TRUNCATION_MARK
+    assert wall < timeout + MARGIN / 2 < hanging * timeout  # one deadline for the turn, not one per call
+    assert [r.error for r in results] == ["timeout"] * hanging + [None, None]
+    assert results[-2].content == "12" and results[-1].content == "x" * 50 + TRUNCATION_MARK
 
 
 def test_process_isolation_refuses_tools_it_cannot_send():

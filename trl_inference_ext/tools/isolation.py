@@ -233,27 +233,32 @@ class ToolProcessPool:
 
         deadline = time.monotonic() + timeout
         pending = collections.deque(range(len(jobs)))
-        while (pending or any(w.job is not None for w in self._workers)) and (left := deadline - time.monotonic()) > 0:
-            for w in list(self._workers):
-                if pending and w.ready and w.job is None:
-                    if w.process.exitcode is None:
-                        self._dispatch(w, pending.popleft(), jobs, left, outcomes)
-                    else:  # died after its last reply
-                        self._retire([w])
-            watched = [w for w in self._workers if w.job is not None or not w.ready]
-            if not watched:
-                break  # nothing running or starting: every job has an outcome
-            handles: list[Any] = [w.conn for w in watched] + [w.process.sentinel for w in watched]
-            fired = set(multiprocessing.connection.wait(handles, left))
-            for w in watched:
-                if not w.ready:
-                    if w.conn in fired or w.process.sentinel in fired:
+        try:
+            while (pending or self._running()) and (left := deadline - time.monotonic()) > 0:
+                for w in list(self._workers):
+                    if pending and w.ready and w.job is None:
+                        if w.process.exitcode is None:
+                            self._dispatch(w, pending.popleft(), jobs, left, outcomes)
+                        else:  # died after its last reply
+                            self._retire([w])
+                watched = [w for w in self._workers if w.job is not None or not w.ready]
+                if not watched:
+                    break  # nothing running or starting: every job has an outcome
+                handles: list[Any] = [w.conn for w in watched] + [w.process.sentinel for w in watched]
+                fired = set(multiprocessing.connection.wait(handles, left))
+                for w in watched:
+                    if w.conn not in fired and w.process.sentinel not in fired:
+                        continue
+                    if w.ready:
+                        self._on_reply(w, outcomes)
+                    else:
                         self._on_ready_message(w)
-                elif w.conn in fired or w.process.sentinel in fired:
-                    self._on_reply(w, outcomes)
-        overdue = [w for w in self._workers if w.job is not None]
-        self._retire(overdue)
+        finally:  # at the deadline, or when interrupted (Ctrl-C): no call may outlive its run
+            self._retire(self._running())
         return [outcome if outcome is not None else ("timeout", "") for outcome in outcomes]
+
+    def _running(self) -> list[_Worker]:
+        return [w for w in self._workers if w.job is not None]
 
     def _dispatch(
         self, w: _Worker, job: int, jobs: list[tuple[str, dict[str, Any]]], left: float, outcomes: list[Outcome | None]

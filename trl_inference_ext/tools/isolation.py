@@ -10,8 +10,9 @@ other functions or in an interactive session (`__main__` without a file) cannot 
 construction. A script's `__main__` is re-imported in each worker, so functions defined at its top level work, the
 usual `if __name__ == "__main__":` guard is needed, and tools defined inside that guard are not found.
 
-Each worker runs `worker.py` by path, a standard-library-only module, so it costs an interpreter start plus its tools'
-own imports. At most `6 * max_output_chars` bytes of JSON come back per call; nothing a tool returns is unpickled here.
+Each worker runs `worker.py` by path, a standard-library-only module, so it costs an interpreter start, the script's
+top-level imports and its tools' own imports, not an import of this package. At most about `6 * max_output_chars`
+bytes of JSON come back per call, and nothing a tool returns is unpickled here.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import worker as _worker_module
@@ -76,7 +77,6 @@ class _Worker:
     conn: multiprocessing.connection.Connection
     ready: bool = False
     job: int | None = None
-    started_at: float = field(default_factory=time.monotonic)
 
 
 def _describe_exit(process: Any) -> str:
@@ -159,6 +159,8 @@ class ToolProcessPool:
             "memory_limit": self.memory_limit,
             "max_output_chars": self.max_output_chars,
         }
+        # The target is `runpy.run_path` on worker.py rather than a function of this package, which the child would
+        # have to import (and with it torch, through the package's `__init__`).
         process = self._context.Process(
             target=runpy.run_path,
             args=(_WORKER_PATH,),

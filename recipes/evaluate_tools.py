@@ -18,12 +18,17 @@ from pathlib import Path
 from typing import Any
 
 
-def held_out_problems(count: int, seed: int, train_count: int, train_seed: int) -> list[dict[str, Any]]:
-    """`count` few-shot problems generated from `seed`, none of whose questions is in the training set."""
+def held_out_problems(
+    count: int, seed: int, train_count: int, train_seed: int, tool_parser: str = "hermes"
+) -> list[dict[str, Any]]:
+    """`count` few-shot problems generated from `seed`, none of whose questions is in the training set.
+
+    The worked example of each prompt is written in the `tool_parser` format.
+    """
     from trl_inference_ext.tasks.arithmetic import make_problems
 
     seen = {row["prompt"][-1]["content"] for row in make_problems(train_count, train_seed, few_shot=True)}
-    candidates = make_problems(count * 4 + 16, seed, few_shot=True)
+    candidates = make_problems(count * 4 + 16, seed, few_shot=True, tool_parser=tool_parser)
     rows = [row for row in candidates if row["prompt"][-1]["content"] not in seen][:count]
     if len(rows) < count:
         raise ValueError(f"only {len(rows)} held-out problems differ from the training set; use another --seed")
@@ -77,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from trl_inference_ext.cli import load_module
 
     inference = load_module(args.model, args.adapter, "huggingface", "float32", args.tool_parser)
-    problems = held_out_problems(args.num_problems, args.seed, args.train_problems, args.train_seed)
+    problems = held_out_problems(
+        args.num_problems, args.seed, args.train_problems, args.train_seed, tool_parser=args.tool_parser
+    )
     peft_model = inference.backend.model
     results = {}
     for label, scope in (("adapter off", peft_model.disable_adapter()), ("adapter on", nullcontext())):

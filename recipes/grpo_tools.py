@@ -100,7 +100,9 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
         model=model,
         reward_funcs=[correct_answer_reward, tool_call_reward(tools=[calculator], tool_parser=args.tool_parser)],
         args=training_args,
-        train_dataset=Dataset.from_list(make_problems(args.num_problems, args.problem_seed, few_shot=args.few_shot)),
+        train_dataset=Dataset.from_list(
+            make_problems(args.num_problems, args.problem_seed, few_shot=args.few_shot, tool_parser=args.tool_parser)
+        ),
         processing_class=tokenizer,
         peft_config=LoraConfig(
             r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules, task_type="CAUSAL_LM"

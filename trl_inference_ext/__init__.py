@@ -8,10 +8,33 @@ result = inference.generate(["What is 2+2?"], max_new_tokens=32, return_logprobs
 ```
 """
 
-from .module import InferenceModule, ReferenceScorer, create_inference_module
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .types import GenerationResult, SamplingConfig, ToolCall
 
+if TYPE_CHECKING:
+    from .module import InferenceModule, ReferenceScorer, create_inference_module
+
 __version__ = "0.1.0"
+
+_LAZY = {"InferenceModule": ".module", "ReferenceScorer": ".module", "create_inference_module": ".module"}
+"""Names imported on first use, so that importing a submodule (e.g. a tool in `tasks`, inside a tool worker process)
+does not import torch and transformers."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "GenerationResult",

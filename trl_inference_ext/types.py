@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is not needed at run time here: tool workers import this module without it
+    import torch
 
 FinishReason = str
 """Why a sequence ended: ``"stop"`` (EOS or a stop string) or ``"length"`` (token budget)."""

@@ -37,6 +37,10 @@ def test_adapter_off_and_on(tiny_model_dir, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from trl_inference_ext import InferenceModule
+    from trl_inference_ext.tasks.arithmetic import calculator, correct_answer_reward
+    from trl_inference_ext.tools.loop import run_tool_loop
+
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
@@ -44,15 +48,28 @@ def test_adapter_off_and_on(tiny_model_dir, tmp_path, capsys):
     get_peft_model(base, config).save_pretrained(adapter)
 
     output = tmp_path / "eval.json"
-    results = load_recipe().main(
+    recipe = load_recipe()
+    results = recipe.main(
         ["--model", tiny_model_dir, "--adapter", str(adapter), "--num_problems", "3", "--max_new_tokens", "12",
          "--output", str(output)]
     )  # fmt: skip
     assert set(results) == {"adapter off", "adapter on"}
+    problems = recipe.held_out_problems(3, seed=1, train_count=256, train_seed=0)  # the recipe's defaults
     for r in results.values():
-        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["call_rate"] <= 1.0 and len(r["transcripts"]) == 3
+        transcripts = r["transcripts"]
+        assert [(t["question"], t["answer"]) for t in transcripts] == [
+            (p["prompt"][-1]["content"], p["answer"]) for p in problems
+        ]
+        correct = correct_answer_reward([t["completion"] for t in transcripts], [t["answer"] for t in transcripts])
+        assert r["accuracy"] == sum(correct) / 3 and 0.0 <= r["call_rate"] <= 1.0
     off = [t["completion"] for t in results["adapter off"]["transcripts"]]
     on = [t["completion"] for t in results["adapter on"]["transcripts"]]
     assert off != on  # the adapter (non-zero LoRA B) changes what the model writes
+    # adapter off is the base model: a disabled LoRA layer runs only its base layer, the same float computation
+    base = InferenceModule(tiny_model_dir, device="cpu", dtype="float32", tool_parser="hermes")
+    rollouts = run_tool_loop(
+        base, [p["prompt"] for p in problems], [calculator], max_tool_turns=1, max_new_tokens=12, do_sample=False
+    )
+    assert off == [base.tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
     assert json.loads(output.read_text())["adapter on"]["transcripts"][0]["completion"] == on[0]
     assert "held-out problems" in capsys.readouterr().out

@@ -10,6 +10,15 @@ Rows, same weights, same prompts, same sampling (temperature 1.0, top-k off, top
 - (c) `InferenceModule vLLM`: this project's vLLM backend (in-process engine, in its own subprocess so that its
   thread settings cannot touch the other rows), same call; engine start-up is reported but not timed.
 
+With `--lora R` the policy is what `GRPOTrainer(peft_config=LoraConfig(...))` trains: the model wrapped in a PEFT
+LoRA adapter of rank R on q/k/v/o (`lora_alpha = 2R`, `lora_B` drawn small and non-zero, as after some training).
+Row (a) then generates with that PEFT model (TRL's path for a LoRA policy), (b) and (c) keep the plain model, and two
+rows are added on the PEFT model:
+
+- (d) `InferenceModule HF, LoRA folded`: the Hugging Face backend's default, the adapter folded into a decode-time
+  weight copy (`backends/lora_fold.py`);
+- (e) `InferenceModule HF, LoRA unfolded`: the same with `fold_lora=False`, through PEFT's LoRA layers.
+
 Models:
 
 - default: a random-weight causal LM built offline from a Qwen2-0.5B-shaped config (vocab 151,936, hidden 896,
@@ -20,6 +29,7 @@ Models:
     python benchmarks/generation.py --quick              # under 2 minutes on 2 cores
     python benchmarks/generation.py --model smollm2      # 8 chat prompts x 4 samples, 64 new tokens
     python benchmarks/generation.py --layers 4           # 8 prompts (64-512 tokens) x 8 samples, 128 new tokens
+    python benchmarks/generation.py --model smollm2 --lora 16 --no-vllm   # a LoRA policy next to the plain model
 """
 
 from __future__ import annotations
@@ -47,6 +57,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from benchmarks._results import QWEN2_0_5B, append_results
 
 ROW_A, ROW_B, ROW_C = "(a) TRL HF generate", "(b) InferenceModule HF", "(c) InferenceModule vLLM"
+ROW_D, ROW_E = "(d) InferenceModule HF, LoRA folded", "(e) InferenceModule HF, LoRA unfolded"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_B_STD = 0.02
 LOGPROB_TOLERANCE = 1e-4
 QUICK_SHAPE: dict[str, Any] = dict(
     vocab_size=8192,
@@ -199,6 +212,29 @@ def chat_prompts(tokenizer: Any, count: int) -> list[list[int]]:
         )
         for text in SMOLLM2_PROMPTS[:count]
     ]
+
+
+def lora_policy(folder: Path | str, rank: int, seed: int) -> Any:
+    """The model at `folder` wrapped in a PEFT LoRA adapter on q/k/v/o, as `GRPOTrainer(peft_config=...)` makes it.
+
+    `lora_alpha = 2 * rank` and `lora_dropout = 0.05` (identity in eval mode); `lora_B` is drawn from
+    `N(0, LORA_B_STD^2)` instead of PEFT's zeros, so that the adapter changes outputs a little, as after some training.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * LORA_B_STD)
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------------------- rows
@@ -379,8 +415,8 @@ def profile_row(run: Callable[[], dict[str, Any]], name: str, top: int = 25) -> 
     stats.sort_stats("tottime").print_stats(top)
 
 
-def format_table(results: dict[str, list[dict[str, Any]]], workload: Workload, threads: int) -> str:
-    """Markdown table: best-of-N tokens/s per row and the ratios against (a) and (c).
+def format_table(results: dict[str, list[dict[str, Any]]], workload: Workload, threads: int, row_a: str = ROW_A) -> str:
+    """Markdown table: best-of-N tokens/s per row and the ratios against (a) (named `row_a`) and (c).
 
     In the per-run column, `*` marks a run whose CPU time was under 0.75 x `threads` x its wall time: it waited on
     other processes (with OpenMP threads spinning at barriers, such runs can be many times slower).
@@ -395,7 +431,7 @@ def format_table(results: dict[str, list[dict[str, Any]]], workload: Workload, t
         r = best[row]
         mean_len = sum(x["tokens"] for x in runs) / sum(x["sequences"] for x in runs)
         eos_share = sum(x["eos_share"] for x in runs) / len(runs)
-        vs_a = f"{r['tokens_per_s'] / best[ROW_A]['tokens_per_s']:.2f}" if ROW_A in best else "n/a"
+        vs_a = f"{r['tokens_per_s'] / best[row_a]['tokens_per_s']:.2f}" if row_a in best else "n/a"
         vs_c = f"{r['tokens_per_s'] / best[ROW_C]['tokens_per_s']:.2f}" if ROW_C in best else "n/a"
         each = ", ".join(
             f"{x['tokens_per_s']:.1f}" + "*" * (x["cpu_seconds"] < 0.75 * threads * x["seconds"]) for x in runs
@@ -415,18 +451,39 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 2, 5 with --quick)")
     parser.add_argument("--eos-prob", type=float, default=None, help="planted per-step EOS probability (random)")
     parser.add_argument("--no-vllm", action="store_true", help="skip row (c)")
-    parser.add_argument("--rows", default="abc", help="rows to time, e.g. 'bc' (default 'abc'; (b) always runs)")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="rows to time, e.g. 'bc' (default 'abc', 'abcde' with --lora; (b) always runs, (d) too with --lora)",
+    )
+    parser.add_argument(
+        "--lora",
+        type=int,
+        default=None,
+        metavar="R",
+        help="also a PEFT LoRA policy of rank R on q/k/v/o: (a) runs on it, rows (d) folded and (e) unfolded are added",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--profile", choices=("a", "b"), default=None, help="after timing, cProfile one more call of row (a) or (b)"
+        "--profile",
+        choices=("a", "b", "d", "e"),
+        default=None,
+        help="after timing, cProfile one more call of row (a), (b), (d) or (e)",
     )
     args = parser.parse_args()
+    if args.lora is not None and args.lora < 1:
+        parser.error("--lora must be a rank >= 1")
+    if args.rows is None:
+        args.rows = "abcde" if args.lora else "abc"
+    if args.profile in ("d", "e") and not args.lora:
+        parser.error("--profile d/e needs --lora")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_inference_ext import InferenceModule
+    from trl_inference_ext.backends.huggingface import HuggingFaceBackend
 
     repeats = args.repeats or (5 if args.quick else 2)
     use_vllm = "c" in args.rows and not args.no_vllm and importlib.util.find_spec("vllm") is not None
@@ -473,10 +530,18 @@ def main() -> None:
     hf_load_s = time.perf_counter() - start
     eos = sorted({tokenizer.eos_token_id, *eos_token_ids_of(model)} - {None})
     n, max_new = workload.num_generations, workload.max_new_tokens
+    policy, row_a = model, ROW_A
+    lora_modules: dict[str, Any] = {}
+    if args.lora:
+        policy, row_a = lora_policy(folder, args.lora, args.seed), f"{ROW_A}, LoRA policy"
+        for row, fold in ((ROW_D, "auto"), (ROW_E, False)):
+            if row == ROW_D or "e" in args.rows:
+                backend = HuggingFaceBackend(policy, tokenizer, fold_lora=fold)
+                lora_modules[row] = InferenceModule.from_backend(backend, cache_size=0)
 
     def run_a() -> dict[str, Any]:
         begin, cpu = time.perf_counter(), time.process_time()
-        completions = trl_hf_generate(model, tokenizer, prompts, n, max_new)
+        completions = trl_hf_generate(policy, tokenizer, prompts, n, max_new)
         return summarize(completions, eos, time.perf_counter() - begin, time.process_time() - cpu)
 
     last_b: list[Any] = []
@@ -488,16 +553,32 @@ def main() -> None:
         last_b[:] = [result]
         return summarize(result.token_ids, eos, seconds, cpu_seconds)
 
+    last_lora: dict[str, Any] = {}
+
+    def lora_runner(row: str) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            begin, cpu = time.perf_counter(), time.process_time()
+            result = module_generate(lora_modules[row], prompts, n, max_new)
+            seconds, cpu_seconds = time.perf_counter() - begin, time.process_time() - cpu
+            last_lora[row] = result
+            return summarize(result.token_ids, eos, seconds, cpu_seconds)
+
+        return run
+
     vllm_row = VLLMRow(str(folder), prompts, workload, eos) if use_vllm else None
-    runners: dict[str, Callable[[], dict[str, Any]]] = {ROW_A: run_a} if "a" in args.rows else {}
+    runners: dict[str, Callable[[], dict[str, Any]]] = {row_a: run_a} if "a" in args.rows else {}
     runners[ROW_B] = run_b  # the correctness guard needs it
     if vllm_row is not None:
         runners[ROW_C] = lambda: vllm_row.ask("run")
+    for row in lora_modules:
+        runners[row] = lora_runner(row)
     try:
         # Warm-up: one small call per row.
         warm = [p[:8] for p in prompts[:2]]
-        trl_hf_generate(model, tokenizer, warm, 2, 4)
+        trl_hf_generate(policy, tokenizer, warm, 2, 4)
         module_generate(hf_module, warm, 2, 4)
+        for lora_module in lora_modules.values():
+            module_generate(lora_module, warm, 2, 4)
         if vllm_row is not None:
             vllm_row.ask("warmup")
         results: dict[str, list[dict[str, Any]]] = {row: [] for row in runners}
@@ -525,15 +606,30 @@ def main() -> None:
         diff_c = check_logprobs(hf_module, prompts, vllm_row.ask("sample")) if vllm_row is not None else None
         if diff_c is not None:
             print(f"(c) vLLM log-probs vs HF get_logprobs, max |diff| over 2 sequences: {diff_c:.2e}", flush=True)
+        # The same guard for (d), against `get_logprobs` through PEFT's own LoRA layers (scoring never folds).
+        diff_d = None
+        if ROW_D in last_lora:
+            result = last_lora[ROW_D]
+            picks = sorted(range(len(result.token_ids)), key=lambda i: -len(result.token_ids[i]))[:2]
+            samples = [(i // n, result.token_ids[i], result.logprobs[i]) for i in picks]
+            diff_d = check_logprobs(lora_modules[ROW_D], prompts, samples)
+            print(f"(d) log-probs vs get_logprobs on the PEFT model, max |diff|: {diff_d:.2e}", flush=True)
+            if diff_d > LOGPROB_TOLERANCE:
+                raise SystemExit(f"(d) log-probs differ from get_logprobs by {diff_d:.2e} > {LOGPROB_TOLERANCE}")
+            if lora_modules[ROW_D].backend.lora_fold.folded_layers == 0:
+                raise SystemExit("(d) did not fold: the decode-time copy did not fit in the free memory")
         if args.profile:
-            profile_row(run_a if args.profile == "a" else run_b, args.profile)
+            profile_rows = {"a": run_a, "b": run_b, "d": runners.get(ROW_D), "e": runners.get(ROW_E)}
+            profile_run = profile_rows[args.profile]
+            if profile_run is not None:
+                profile_row(profile_run, args.profile)
     finally:
         if vllm_row is not None:
             vllm_row.close()
         tmp.cleanup()
 
     load_after = os.getloadavg()[0]
-    table = format_table(results, workload, torch.get_num_threads())
+    table = format_table(results, workload, torch.get_num_threads(), row_a=row_a)
     print(table)
     summary = {row: [{k: round(v, 3) for k, v in r.items()} for r in runs] for row, runs in results.items()}
     print(json.dumps(summary))
@@ -544,6 +640,16 @@ def main() -> None:
         if vllm_row is not None
         else "(c) not run (`--no-vllm`, `--rows` without c, or vLLM not installed)."
     )
+    if args.lora:
+        fold = lora_modules[ROW_D].backend.lora_fold
+        notes.append(
+            f"`--lora {args.lora}`: (a), (d) and (e) generate with a PEFT LoRA policy, rank {args.lora}, alpha "
+            f"{2 * args.lora}, on {'/'.join(LORA_TARGETS)} (`lora_B` ~ N(0, {LORA_B_STD}^2)); (b) and (c) with the "
+            f"plain model. (d) folds the adapter into a decode-time copy of {fold.folded_layers} layers "
+            f"({fold.folded_bytes / 2**20:.0f} MiB; {fold.fold_count} layer folds over all its runs, i.e. once: the "
+            f"weights never change here); (e) runs PEFT's unmerged LoRA layers (`fold_lora=False`). Guard: (d) "
+            f"log-probs equal `get_logprobs` on the PEFT model within {diff_d:.1e}."
+        )
     notes += [
         f"Workload: {workload.num_prompts} prompts (lengths {lengths[0]}-{lengths[-1]}) x {n} samples, up to "
         f"{max_new} new tokens, temperature 1.0, top-k off, top-p 1.0. Tokens/s counts real completion tokens "

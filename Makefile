@@ -40,7 +40,7 @@ demo: install
 
 # The demo's adapter against the base model on held-out problems (ADAPTER=dir to pick another run).
 evaluate: install
-	$(PY) recipes/evaluate_tools.py --model $(or $(MODEL),default) --adapter $(or $(ADAPTER),outputs/demo)
+	$(PY) recipes/evaluate_tools.py --model $(or $(MODEL),default) --adapter $(or $(ADAPTER),outputs/demo) --tool_parser hermes
 
 examples: install
 	$(PY) examples/inference_examples.py $(if $(MODEL),--model $(MODEL),)

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train_seed", type=int, default=0, help="problem seed of the training set to exclude")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--max_tool_turns", type=int, default=1)
-    parser.add_argument("--tool_parser", default="hermes")
+    parser.add_argument("--tool_parser", default="auto", help="tool-call format ('auto': the chat template's)")
     parser.add_argument("--show", type=int, default=2, help="transcripts to print per setting")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)

@@ -36,7 +36,10 @@ class RecipeArguments:
     num_problems: int = field(default=256, metadata={"help": "Number of generated training problems."})
     problem_seed: int = field(default=0, metadata={"help": "Seed of the problem generator."})
     max_tool_turns: int = field(default=2, metadata={"help": "Most rounds of tool calls per rollout."})
-    tool_parser: str = field(default="hermes", metadata={"help": "Tool-call format the model is prompted with."})
+    tool_parser: str = field(
+        default="auto",
+        metadata={"help": "Tool-call format the model is prompted with ('auto': its chat template's, else hermes)."},
+    )
     format_reward_weight: float = field(default=0.5, metadata={"help": "Weight of the well-formed-call reward."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})

@@ -239,7 +239,7 @@ def test_help_shows_defaults_and_resume(capsys):
         main(["generate", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("token budget per completion (default: 128)", "(default: 8)", "(default: hermes)",
+    for shown in ("token budget per completion (as `generate`) (default: 256)", "(default: 8)", "(default: auto)",
                   "(default: float32)", "(default: stdout)", "If it exists, the run resumes", "--overwrite",
                   "--return-token-ids", "--return-logprobs"):  # fmt: skip
         assert shown in text
@@ -253,4 +253,4 @@ def test_console_script_help():
     if not os.path.exists(script):
         pytest.skip("the package is not installed with its console script")
     run = subprocess.run([script, "generate", "--help"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "(default: 128)" in run.stdout
+    assert run.returncode == 0 and "(default: 256)" in " ".join(run.stdout.split())

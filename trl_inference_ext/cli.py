@@ -3,6 +3,7 @@
   trl-inference generate --model PATH [--adapter DIR] --prompt "What is 2+2?" [--chat] [--max-new-tokens 64]
   trl-inference generate --model default --prompts prompts.jsonl --output out.jsonl --num-return-sequences 4
   trl-inference score --model PATH --pairs pairs.jsonl --output scores.jsonl
+  trl-inference serve MODEL [--port 8000] [--lora-rank 16]     (a vLLM server for training; see serve --help)
 
 Prompt files hold one JSON object per line with a "prompt" (a string, token ids or chat messages); pair files add
 a "response" (a string or token ids). "--model default" is the embedded SmolLM2-135M-Instruct; "--adapter" loads a
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate completions", epilog=_GENERATE_EPILOG, formatter_class=_HelpFormatter
     )
     score = sub.add_parser("score", help="score responses", epilog=_SCORE_EPILOG, formatter_class=_HelpFormatter)
+    sub.add_parser("serve", help="start a vLLM server for training (see `trl-inference serve --help`)", add_help=False)
     for p in (gen, score):
         p.add_argument("--model", required=True, help="local model folder, or 'default' (the embedded model)")
         p.add_argument("--adapter", default=None, help="PEFT adapter folder to load on top of the model")
@@ -111,14 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="send string prompts (from --prompt and --prompts) as one user message through the chat template; "
         "chat messages and token ids are sent as they are",
     )
-    gen.add_argument("--max-new-tokens", type=_number(int, 1), default=128, help="token budget per completion")
+    gen.add_argument(
+        "--max-new-tokens", type=_number(int, 1), default=256, help="token budget per completion (as `generate`)"
+    )
     gen.add_argument("--num-return-sequences", type=_number(int, 1), default=1, help="completions per prompt")
     gen.add_argument("--temperature", type=_number(float, 0.0), default=1.0, help="sampling temperature")
     gen.add_argument("--greedy", action="store_true", help="greedy decoding (ignores --temperature)")
     gen.add_argument(
         "--seed", type=_number(int, 0), default=None, help="seed for reproducible sampling (default: unseeded)"
     )
-    gen.add_argument("--tool-parser", default="hermes", choices=PARSER_NAMES, help="format of the tool calls parsed")
+    gen.add_argument(
+        "--tool-parser",
+        default="auto",
+        choices=PARSER_NAMES,
+        help="format of the tool calls parsed ('auto': the one the model's chat template teaches)",
+    )
     gen.add_argument(
         "--return-token-ids", action="store_true", help="add 'prompt_token_ids' and 'token_ids' to each output row"
     )
@@ -365,6 +374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         `int`: 0 on success, 2 (`USAGE_ERROR`) for a bad command line or bad input, reported in one line on stderr.
         argparse exits with 2 itself for unknown or malformed options.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # the launcher has its own parser (and passes what follows `--` on to vLLM)
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "generate" and not args.prompt and not args.prompts:

@@ -34,7 +34,7 @@ def _calls_per_completion(completions: Sequence[Any], kwargs: dict[str, Any], pa
 
 
 def tool_call_reward(
-    tools: Sequence[Any] | None = None, tool_parser: str = "hermes", no_call: float = 0.0
+    tools: Sequence[Any] | None = None, tool_parser: str = "auto", no_call: float = 0.0
 ) -> RewardFunction:
     """Rewards well-formed calls of known tools with schema-valid arguments.
 
@@ -43,7 +43,9 @@ def tool_call_reward(
 
     Args:
         tools (`Sequence`, *optional*): Tool definitions (dicts or callables) to check names and arguments against.
-        tool_parser (`str`, *optional*, defaults to `"hermes"`): Format used when `tool_calls` is not provided.
+        tool_parser (`str`, *optional*, defaults to `"auto"`): Format used when `tool_calls` is not provided (with
+            `rollout_func`, the rollouts' own parsed calls are used). `"auto"`, like `rollout_func` and the CLI:
+            every format is tried, as no chat template is known here; name the format to score only that one.
         no_call (`float`, *optional*, defaults to 0.0): Reward for a completion without any call.
     """
     normalized = normalize_tools(tools)

@@ -147,6 +147,8 @@ def rollout_func(
             (unwrapped, possibly PEFT, ZeRO-3-gathered) model on the Hugging Face backend.
         tools (`Sequence`, *optional*): Tools for multi-turn rollouts (callables are executed).
         tool_parser (`str`, *optional*, defaults to `"auto"`): Tool-call format (used when `inference=None`).
+            `"auto"` (also the default of `tool_call_reward` and the CLI) reads the format the trainer's chat
+            template teaches; `InferenceModule` keeps the original documentation's `"json"`.
         max_tool_turns (`int`, *optional*, defaults to 3): Most rounds of tool execution per rollout.
         stop_tools (`Sequence[str]`, *optional*): Tools whose call ends a rollout.
         tool_timeout (`float`, *optional*, defaults to 10.0): Seconds allowed for all the tool calls of one turn.

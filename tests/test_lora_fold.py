@@ -283,6 +283,8 @@ def test_auto_folds_only_within_free_memory(tiny_model_dir, tokenizer, monkeypat
     with pytest.raises(ValueError, match="fold_lora"):
         InferenceModule(tiny_model_dir, device="cpu", fold_lora="always")
     assert InferenceModule(tiny_model_dir, device="cpu", fold_lora=False).backend.fold_lora is False
+    assert InferenceModule.from_model(model, tokenizer, fold_lora=False).backend.fold_lora is False
+    assert InferenceModule.from_model(model, tokenizer).backend.fold_lora == "auto"
 
 
 def test_routing_is_per_thread_and_exception_safe(tiny_model_dir, tokenizer):

@@ -76,6 +76,7 @@ class InferenceModule:
         cache_size: int = 1000,
         tool_parser: str = "json",
         model_name: str | None = None,
+        fold_lora: bool | str = "auto",
     ) -> InferenceModule:
         """Wraps an already-loaded model and tokenizer (e.g. the model a TRL trainer owns) without copying it.
 
@@ -85,11 +86,13 @@ class InferenceModule:
             cache_size (`int`, *optional*, defaults to 1000): As in the constructor.
             tool_parser (`str`, *optional*, defaults to `"json"`): As in the constructor.
             model_name (`str`, *optional*): Name reported in result metadata.
+            fold_lora (`bool` or `"auto"`, *optional*, defaults to `"auto"`): For a PEFT LoRA model, generate from a
+                decode-time copy of the LoRA layers with the adapters folded in (see `HuggingFaceBackend`).
         """
         from .backends.huggingface import HuggingFaceBackend
 
         cls._check_common(cache_size, tool_parser)
-        backend = HuggingFaceBackend(model, tokenizer, model_name=model_name)
+        backend = HuggingFaceBackend(model, tokenizer, model_name=model_name, fold_lora=fold_lora)
         module = cls.__new__(cls)
         module._setup(backend, backend.model_name, cache_size, tool_parser)
         return module

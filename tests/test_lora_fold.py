@@ -245,6 +245,14 @@ def test_unsupported_configurations_fall_back(tiny_model_dir, tokenizer):
     finally:
         handle.remove()
 
+    model = peft_model(tiny_model_dir, target_modules=["q_proj", "v_proj"])
+    model.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight.data = torch.empty(0)  # ZeRO-3
+    model.base_model.model.model.layers[0].self_attn.v_proj.base_layer.weight.data = torch.empty(0)
+    fold = LoraFold(model, True)
+    with fold.applied():
+        pass
+    assert fold.routed_layers == fold.folded_layers == 2
+
     fold = LoraFold(peft_model(tiny_model_dir, lora_dropout=0.5), True)
     fold.model.train()  # training-mode dropout is random: nothing may be folded
     with fold.applied():

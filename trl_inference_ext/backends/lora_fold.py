@@ -97,6 +97,8 @@ def _folded_adapters(layer: Any) -> list[str] | None:
     weight, bias = base.weight, base.bias
     if not _plain(weight) or not weight.is_floating_point() or (bias is not None and not _plain(bias)):
         return None
+    if weight.shape != (base.out_features, base.in_features):  # e.g. a ZeRO-3 partition that was not gathered
+        return None
     if layer.disable_adapters:
         return []
     active = [name for name in layer.active_adapters if name in layer.lora_A]
@@ -115,6 +117,9 @@ def _folded_adapters(layer: Any) -> list[str] | None:
             return None
         tensors = [lora_a.weight, lora_b.weight] + ([lora_b.bias] if lora_b.bias is not None else [])
         if not all(_plain(t) and t.device == weight.device for t in tensors):
+            return None
+        rank = lora_a.out_features
+        if lora_a.weight.shape != (rank, weight.shape[1]) or lora_b.weight.shape != (weight.shape[0], rank):
             return None
     return active
 

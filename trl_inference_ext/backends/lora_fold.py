@@ -52,12 +52,10 @@ logger = logging.getLogger(__name__)
 FOLD_MEMORY_FRACTION = 0.2
 """With `enabled="auto"`, the most of a device's free memory the decode-time copy may take."""
 
-FOLD_MODES = (True, False, "auto")
-
 Route = tuple[torch.Tensor, "torch.Tensor | None"]
 _ROUTES: ContextVar[dict[torch.nn.Module, Route] | None] = ContextVar("trl_inference_ext_lora_routes", default=None)
 _INSTALL_LOCK = threading.Lock()
-_INSTALLED: dict[torch.nn.Module, list[Any]] = {}  # layer -> [open blocks, forward in its __dict__ before, or None]
+_INSTALLED: dict[torch.nn.Module, list[Any]] = {}  # layer -> [open blocks, its own forward before]
 _NO_FORWARD = object()
 
 
@@ -261,7 +259,7 @@ class LoraFold:
         self.enabled = enabled
         self.memory_fraction = memory_fraction
         self.fold_count = 0
-        """Layer weights folded so far (stays put while nothing a fold depends on changes)."""
+        """Layer weights folded so far; unchanged by a block when nothing a copy depends on has changed."""
         self.routed_layers = 0
         """LoRA layers routed by the last block (folded or base weight); 0 means PEFT's forward everywhere."""
         self.folded_layers = 0

@@ -347,6 +347,8 @@ class LoraFold:
     def applied(self, weights_key: Any = None) -> Iterator[None]:
         """Runs the block with the supported LoRA layers computing from their folded copies (in this thread only).
 
+        The routes are fixed when the block opens: switch adapters (`set_adapter`, `disable_adapter()`) outside it.
+
         Args:
             weights_key (*optional*): A hashable version of the weights from the caller (e.g. a backend's
                 `weights_version`); when it changes, every copy is folded again, also after out-of-place updates that

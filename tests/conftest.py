@@ -13,6 +13,15 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _forget_generated_texts():
+    """Each test starts with an empty index of generated texts (`sampled_texts`): how a string is scored must not
+    depend on what an earlier test happened to generate."""
+    from trl_inference_ext.sampled_texts import SAMPLED_TEXTS
+
+    SAMPLED_TEXTS.clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from trl_inference_ext.testing import build_tiny_model

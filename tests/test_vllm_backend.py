@@ -449,8 +449,11 @@ def test_server_scoring_at_context_limit(client, hf):
     check_scoring_at_context_limit(client, hf)
 
 
-def test_server_weight_updates_are_not_in_process(client):
-    with pytest.raises(NotImplementedError, match="mark_weights_updated"):
+def test_server_without_sync_routes_refuses_weights_before_sending(client):
+    """This server runs without the weight-sync routes; tests/test_vllm_servers.py pushes to servers that have them."""
+    from trl_inference_ext.backends.vllm import WeightPushError
+
+    with pytest.raises(WeightPushError, match="trl-inference serve"):
         client.load_weights({"lm_head.weight": torch.zeros(1)})
     version = client.weights_version
     client.mark_weights_updated()

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .backends import BACKEND_NAMES, Backend, ScoringConfig, create_backend
+from .backends.capabilities import SupportsAdapterToggling
 from .cache import GenerationCache
 from .model_source import resolve_model_name
 from .sampled_texts import SAMPLED_TEXTS, vocabulary_fingerprint
@@ -397,7 +398,7 @@ class InferenceModule:
         Raises:
             ValueError: If the model has no PEFT adapters, or the backend cannot toggle them.
         """
-        if not hasattr(self.backend, "reference_context"):
+        if not isinstance(self.backend, SupportsAdapterToggling):
             raise ValueError(f"The {self.backend.name!r} backend cannot toggle adapters; use the huggingface backend.")
         from .backends.adapters import check_reference
 

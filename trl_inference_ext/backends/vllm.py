@@ -8,9 +8,11 @@ the engine runs with `logprobs_mode="processed_logprobs"`. vLLM's prompt log-pro
 truncation), so `score_logprobs` uses them only at temperature 1 without truncation; otherwise it asks the sampler
 itself for the log-prob of each response token (one single-token request per position, see `score_logprobs`).
 
-The HTTP client of server mode lives in `vllm_server`, the checks and PEFT merging behind weight pushes in
-`vllm_weights`, and the sampling settings both modes share in `vllm_sampling`. vLLM is imported lazily: importing
-this module never needs it.
+Where requests go is a transport (`vllm_transport`): the in-process engine (`vllm_engine`) or a pool of one or more
+servers (`vllm_pool`, over the HTTP client in `vllm_server`). Weight pushes are checked in `vllm_weights`, sent to
+servers by `vllm_push` (received there by `vllm_worker`), and LoRA adapters exported by `vllm_lora`. The sampling
+settings all transports share live in `vllm_sampling`. vLLM is imported lazily: importing this module never needs
+it.
 """
 
 from __future__ import annotations
@@ -21,37 +23,52 @@ import importlib.util
 import inspect
 import logging
 import os
-import tempfile
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
 
 from ..types import SamplingConfig
+from .adapters import is_peft_model
 from .base import ScoringConfig, SequenceOutput
+from .huggingface import _unwrap
 from .options import check_options
+from .vllm_engine import EngineTransport
+from .vllm_lora import adapter_unsupported_reason, export_adapter
+from .vllm_pool import NoServerLeftError, ServerPool
+from .vllm_push import (
+    DEFAULT_CHUNK_BYTES,
+    HTTPChunks,
+    PushReport,
+    ServerWeightTransport,
+    SharedFilesystem,
+    WeightPushError,
+)
 from .vllm_sampling import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
-    Completion,
     check_sampling,
     check_temperature,
-    finish_reason,
     needs_processing,
     request_plan,
     request_seed,
-    sampler_settings,
 )
-from .vllm_server import VLLMServerClient, VLLMServerError
-from .vllm_weights import DEFAULT_PACKED_MODULES, check_pushed_weights, checkpoint_name, merged_checkpoint_weights
+from .vllm_server import VLLMServerClient, VLLMServerError, VLLMServerUnusableError
+from .vllm_transport import VLLMTransport
+from .vllm_weights import base_checkpoint_weights, check_pushed_weights, checkpoint_name, merged_checkpoint_weights
 
 __all__ = [
     "INSTALL_HINT",
     "MAX_TEMPERATURE",
     "MIN_TEMPERATURE",
+    "WEIGHT_TRANSFERS",
+    "NoServerLeftError",
     "VLLMBackend",
     "VLLMEngineStartError",
     "VLLMServerError",
+    "VLLMServerUnusableError",
+    "WeightPushError",
     "checkpoint_name",
     "default_cpu_kv_cache_bytes",
     "engine_memory_settings",
@@ -205,24 +222,7 @@ def _start_failure_message(exc: BaseException, memory: Mapping[str, Any]) -> str
     return f"The vLLM engine failed to start ({type(exc).__name__}: {text}). Memory settings: {used}. {advice}"
 
 
-# ------------------------------------------------------------------------------------ in-process engine outputs
-def _entries(logprobs: Any, position: int) -> list[tuple[int, float]]:
-    """(token id, log-prob) pairs at `position` of a vLLM logprobs container (list of dicts or `FlatLogprobs`)."""
-    if hasattr(logprobs, "start_indices"):  # FlatLogprobs
-        start, end = logprobs.start_indices[position], logprobs.end_indices[position]
-        return list(zip(logprobs.token_ids[start:end], logprobs.logprobs[start:end]))
-    entry = logprobs[position]
-    return [] if entry is None else [(int(t), float(lp.logprob)) for t, lp in entry.items()]
-
-
-def _logprob_of(logprobs: Any, position: int, token: int) -> float:
-    """Log-prob of `token` at `position` of a vLLM logprobs container."""
-    for t, lp in _entries(logprobs, position):
-        if t == token:
-            return float(lp)
-    raise RuntimeError(f"vLLM returned no log-prob for token {token} at position {position}.")
-
-
+# ----------------------------------------------------------------------------------------------------- helpers
 def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
     """Stacks 1-D float rows into `[len(rows), longest]`, right-padded with 0."""
     width = max((len(r) for r in rows), default=0)
@@ -232,15 +232,59 @@ def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def _server_urls(base_url: str | Sequence[str]) -> list[str]:
+    """The server URLs of `base_url` (one string, a comma-separated string, or a list).
+
+    Raises:
+        ValueError: If a URL is not an http(s) URL, or none is given.
+    """
+    raw = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+    urls = []
+    for url in raw:
+        if not isinstance(url, str) or not url.strip().startswith(("http://", "https://")):
+            raise ValueError(f"`base_url` must hold http(s) URLs such as 'http://127.0.0.1:8000', got {url!r}.")
+        urls.append(url.strip().rstrip("/"))
+    if not urls:
+        raise ValueError("`base_url` is an empty list; give at least one server URL.")
+    return urls
+
+
+def _server_weight_transport(
+    weight_transfer: str | None, weight_transfer_dir: str | None, chunk_bytes: int
+) -> ServerWeightTransport:
+    """The transport a weight push to servers uses: shared folder when one is given, HTTP chunks otherwise."""
+    choice = weight_transfer or ("filesystem" if weight_transfer_dir else "http")
+    if choice not in WEIGHT_TRANSFERS:
+        raise ValueError(f"`weight_transfer` must be one of {list(WEIGHT_TRANSFERS)}, got {weight_transfer!r}.")
+    if choice == "filesystem":
+        if not weight_transfer_dir:
+            raise ValueError(
+                "`weight_transfer='filesystem'` needs `weight_transfer_dir`: a folder at the same path here and on "
+                "every server."
+            )
+        return SharedFilesystem(weight_transfer_dir)
+    if weight_transfer_dir:
+        raise ValueError("`weight_transfer_dir` is only used with `weight_transfer='filesystem'`.")
+    return HTTPChunks(chunk_bytes)
+
+
+WEIGHT_TRANSFERS = ("http", "filesystem")
+"""How weights reach vLLM servers: HTTP chunks to the worker extension, or files in a shared folder."""
+
+
 # ----------------------------------------------------------------------------------------------------- backend
 class VLLMBackend:
-    """Generates and scores with vLLM, in-process (`vllm.LLM`) or through an OpenAI-compatible vLLM server.
+    """Generates and scores with vLLM, in-process (`vllm.LLM`) or through one or more vLLM servers.
 
     In-process, the engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` is set unless you set it
     yourself) so `load_weights` can hand tensors to the model without serialising them: that is the colocated mode of
-    RL training, where the trainer pushes new weights after each optimizer step. With `base_url`, requests go to a
-    server started with `vllm serve MODEL --logprobs-mode processed_logprobs` through a `VLLMServerClient`
-    (`self.server`); the tokenizer is still loaded locally from `model_name` so token ids agree.
+    RL training, where the trainer pushes new weights after each optimizer step. With `base_url`, requests go to
+    servers started with `trl-inference serve MODEL` (or `vllm serve MODEL --logprobs-mode processed_logprobs`);
+    with several URLs, prompt groups are spread over them and a server that dies is failed over (`ServerPool`). The
+    tokenizer is always loaded locally from `model_name` so token ids agree.
+
+    Where requests go is a transport (`vllm_transport.VLLMTransport`): `EngineTransport` in-process, `ServerPool`
+    for servers. This class plans the requests, validates pushed weights and pads the results.
 
     Args:
         model_name (`str`): Model identifier or local folder (also the tokenizer's source).
@@ -254,16 +298,25 @@ class VLLMBackend:
             `gpu_memory_utilization`). On the CPU build it defaults to `default_cpu_kv_cache_bytes()` (1 GiB, or a
             quarter of the available memory when that is less) unless `gpu_memory_utilization` or the
             `VLLM_CPU_KVCACHE_SPACE` environment variable is set.
-        base_url (`str`, *optional*): URL of a running vLLM server (e.g. `"http://127.0.0.1:8000"`); switches to
-            server mode.
-        api_key (`str`, *optional*): Bearer token for the server (`vllm serve --api-key`).
+        base_url (`str` or `list[str]`, *optional*): URL of a running vLLM server (e.g. `"http://127.0.0.1:8000"`),
+            or several (a list, or one comma-separated string); switches to server mode.
+        api_key (`str`, *optional*): Bearer token of the servers (`trl-inference serve --api-key`).
         timeout (`float`, *optional*, defaults to 600.0): Seconds to wait for one HTTP response.
         max_retries (`int`, *optional*, defaults to 3): Retries on connection errors and 502/503/504, with
             exponential backoff starting at `retry_backoff` seconds.
+        weight_transfer (`str`, *optional*): How `load_weights` reaches servers: `"http"` (chunks through
+            `/collective_rpc`, no shared filesystem; needs the worker extension that `trl-inference serve` installs)
+            or `"filesystem"` (safetensors files in `weight_transfer_dir`, reloaded by each server). Default:
+            `"filesystem"` when `weight_transfer_dir` is given, `"http"` otherwise.
+        weight_transfer_dir (`str`, *optional*): A folder at the same path here and on every server.
+        weight_chunk_bytes (`int`, *optional*, defaults to 64 MiB): Tensor bytes per HTTP request of a push.
+        sync_adapters (`bool`, *optional*, defaults to `True`): Let `load_weights_from_model` push only the LoRA
+            adapter of a `peft` model when the engine runs with LoRA (`enable_lora=True` / `--enable-lora`) and
+            supports the adapter; merged full weights otherwise.
         seed (`int`, *optional*, defaults to 0): Engine seed (in-process mode).
         trust_remote_code (`bool`, *optional*, defaults to `False`): Passed to vLLM and the tokenizer.
         **engine_kwargs: Further `vllm.LLM` arguments, e.g. `max_model_len`, `enforce_eager=True` (much faster
-            start-up, no compilation), `enable_prefix_caching`.
+            start-up, no compilation), `enable_prefix_caching`, `enable_lora=True` with `max_lora_rank=`.
 
     Raises:
         ImportError: In-process mode without vLLM installed (the message gives the install command).
@@ -284,10 +337,14 @@ class VLLMBackend:
         dtype: str = "auto",
         gpu_memory_utilization: float | None = None,
         kv_cache_memory_bytes: int | None = None,
-        base_url: str | None = None,
+        base_url: str | Sequence[str] | None = None,
         api_key: str | None = None,
         timeout: float = 600.0,
         max_retries: int = 3,
+        weight_transfer: str | None = None,
+        weight_transfer_dir: str | None = None,
+        weight_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        sync_adapters: bool = True,
         seed: int = 0,
         trust_remote_code: bool = False,
         **engine_kwargs: Any,
@@ -328,24 +385,31 @@ class VLLMBackend:
         if base_url and engine_kwargs:
             raise ValueError(
                 f"{sorted(engine_kwargs)} are options of an in-process engine; with `base_url` set them as flags of "
-                "the server (`vllm serve ...`)."
+                "the server (`trl-inference serve ...` / `vllm serve ...`)."
             )
         self.model_name = model_name
-        self.server: VLLMServerClient | None = None
-        if base_url:
-            self.server = VLLMServerClient(
-                base_url, model_name, api_key=api_key, timeout=timeout, max_retries=max_retries
-            )
+        self.sync_adapters = bool(sync_adapters)
         self._version = 0
-        self.llm: Any = None
-        self._param_names: set[str] | None = None
-        self._packed_modules: dict[str, list[str]] = dict(DEFAULT_PACKED_MODULES)
-        if self.server is None:
+        self._session = uuid.uuid4().hex[:12]  # tells this backend's pushes apart from anyone else's on a server
+        self._base_changed = False  # whether full weights were pushed (an adapter then needs the base pushed back)
+        self.last_push: PushReport | None = None
+        """What the latest weight push did (servers reached, bytes, seconds), or `None` before the first."""
+        self.transport: VLLMTransport
+        if base_url:
+            transport = _server_weight_transport(weight_transfer, weight_transfer_dir, weight_chunk_bytes)
+            clients = [
+                VLLMServerClient(url, model_name, api_key=api_key, timeout=timeout, max_retries=max_retries)
+                for url in _server_urls(base_url)
+            ]
+            self.transport = ServerPool(clients, weight_transport=transport)
+        else:
+            if weight_transfer or weight_transfer_dir:
+                raise ValueError("`weight_transfer` and `weight_transfer_dir` are options of server mode (`base_url`).")
             _require_vllm()
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
-        if self.server is not None:
+        if base_url:
             return
         # The engine must live in this process for `load_weights` to hand it tensors; vLLM reads this at start-up.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -353,7 +417,7 @@ class VLLMBackend:
 
         memory = engine_memory_settings(gpu_memory_utilization, kv_cache_memory_bytes)
         try:
-            self.llm = LLM(
+            llm = LLM(
                 model=model_name,
                 tensor_parallel_size=tensor_parallel_size,
                 dtype=cast(Any, dtype),  # vLLM validates the value and names the allowed ones
@@ -365,37 +429,53 @@ class VLLMBackend:
             )
         except Exception as exc:
             raise VLLMEngineStartError(_start_failure_message(exc, memory)) from exc
+        self.transport = EngineTransport(llm)
 
     # ----------------------------------------------------------------------------------------------- state
     @property
-    def server_mode(self) -> bool:
-        """Whether requests go to a vLLM server rather than an in-process engine."""
-        return self.server is not None
+    def servers(self) -> ServerPool | None:
+        """The servers requests go to (spreading, failover, pushes), or `None` in-process."""
+        return self.transport if isinstance(self.transport, ServerPool) else None
 
     @property
-    def base_url(self) -> str | None:
-        """URL of the vLLM server (without a trailing slash), or `None` in-process."""
-        return None if self.server is None else self.server.base_url
+    def llm(self) -> Any:
+        """The in-process `vllm.LLM`, or `None` in server mode or once closed."""
+        return self.transport.llm if isinstance(self.transport, EngineTransport) else None
+
+    @property
+    def server_mode(self) -> bool:
+        """Whether requests go to vLLM servers rather than an in-process engine."""
+        return self.servers is not None
+
+    @property
+    def base_url(self) -> str | list[str] | None:
+        """URL of the vLLM server (a list with several), without a trailing slash; `None` in-process."""
+        if self.servers is None:
+            return None
+        urls = self.servers.base_urls
+        return urls[0] if len(urls) == 1 else urls
 
     @property
     def retry_backoff(self) -> float:
         """Seconds before the first retry in server mode; doubles on each further retry. No effect in-process."""
-        return VLLMServerClient.retry_backoff if self.server is None else self.server.retry_backoff
+        return VLLMServerClient.retry_backoff if self.servers is None else self.servers.retry_backoff
 
     @retry_backoff.setter
     def retry_backoff(self, seconds: float) -> None:
-        if self.server is not None:
-            self.server.retry_backoff = seconds
+        if self.servers is not None:
+            self.servers.retry_backoff = seconds
 
     @property
     def max_concurrent_requests(self) -> int:
-        """Concurrent HTTP requests in server mode (the server batches them). No effect in-process."""
-        return VLLMServerClient.max_concurrent_requests if self.server is None else self.server.max_concurrent_requests
+        """Concurrent HTTP requests per server in server mode (it batches them). No effect in-process."""
+        if self.servers is None:
+            return VLLMServerClient.max_concurrent_requests
+        return self.servers.max_concurrent_requests
 
     @max_concurrent_requests.setter
     def max_concurrent_requests(self, count: int) -> None:
-        if self.server is not None:
-            self.server.max_concurrent_requests = count
+        if self.servers is not None:
+            self.servers.max_concurrent_requests = count
 
     @property
     def weights_version(self) -> int:
@@ -403,11 +483,19 @@ class VLLMBackend:
         return self._version
 
     @property
+    def served_weights(self) -> str:
+        """The weight version recorded on the servers by this backend's latest push (`/weight_info`)."""
+        return f"trl-{self._session}-{self._version}"
+
+    @property
+    def adapter(self) -> str | None:
+        """Name of the pushed LoRA adapter that requests are served with, or `None` for the (full) weights."""
+        return self.transport.adapter
+
+    @property
     def max_context_length(self) -> int | None:
         """The engine's `max_model_len` (in server mode, as reported by `/v1/models`)."""
-        if self.server is not None:
-            return self.server.max_model_len()
-        return int(self._llm().llm_engine.model_config.max_model_len)
+        return self.transport.max_model_len()
 
     def mark_weights_updated(self) -> None:
         """Declares that the served weights changed elsewhere (e.g. a server updated by the trainer).
@@ -416,22 +504,12 @@ class VLLMBackend:
         weights.
         """
         self._version += 1
-        if self.llm is not None:
-            self.llm.reset_prefix_cache()
-
-    def _llm(self) -> Any:
-        """The in-process `vllm.LLM`; raises if the backend was closed."""
-        if self.llm is None:
-            raise RuntimeError("This VLLMBackend was closed; create a new one.")
-        return self.llm
+        if isinstance(self.transport, EngineTransport):
+            self.transport.reset_prefix_cache()
 
     def close(self) -> None:
         """Shuts the in-process engine down (no-op in server mode or when already closed)."""
-        if self.llm is not None:
-            engine_core = getattr(self.llm.llm_engine, "engine_core", None)
-            if engine_core is not None and hasattr(engine_core, "shutdown"):
-                engine_core.shutdown()
-            self.llm = None
+        self.transport.close()
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[SequenceOutput]:
@@ -439,7 +517,7 @@ class VLLMBackend:
 
         Sampled-token log-probs (with `sampling.return_logprobs`) are under the processed distribution. Stop strings
         end a sequence with `finish_reason="stop"`; as with the other backends the token that completed the stop
-        string is kept in `token_ids`.
+        string is kept in `token_ids`. With several servers, all samples of one prompt come from one server.
 
         Args:
             prompt_ids (`list[list[int]]`): The prompts, as token ids.
@@ -455,55 +533,16 @@ class VLLMBackend:
         check_sampling(sampling)
         prompts, n, offsets = request_plan(prompt_ids, sampling)
         seeds = [request_seed(sampling, o) for o in offsets]
-        if self.server is not None:
-            per_request = self.server.generate(prompts, n, seeds, sampling)
-        else:
-            per_request = self._generate_in_process(prompts, n, seeds, sampling)
-        outputs: list[SequenceOutput] = []
         per_prompt = sampling.num_return_sequences // n  # requests per original prompt
+        groups = [r // per_prompt for r in range(len(prompts))]
+        per_request = self.transport.generate(prompts, n, seeds, sampling, groups)
+        outputs: list[SequenceOutput] = []
         for r, completions in enumerate(per_request):
             for ids, reason, logprobs in completions:
                 outputs.append(
                     SequenceOutput(prompt_index=r // per_prompt, token_ids=ids, finish_reason=reason, logprobs=logprobs)
                 )
         return outputs
-
-    def _sampling_params(
-        self, sampling: SamplingConfig, n: int, seed: int | None, *, logprob_token: int | None = None
-    ) -> Any:
-        """`vllm.SamplingParams` for `sampling`; with `logprob_token`, reports that token's log-prob instead."""
-        from vllm import SamplingParams
-
-        return SamplingParams(
-            n=n,
-            **sampler_settings(sampling),
-            seed=seed,
-            max_tokens=sampling.max_new_tokens,
-            stop=list(sampling.stop) or None,
-            logprobs=0 if sampling.return_logprobs and logprob_token is None else None,
-            logprob_token_ids=None if logprob_token is None else [logprob_token],
-            flat_logprobs=True,
-            detokenize=bool(sampling.stop),  # stop strings need text; otherwise ids are all we use
-        )
-
-    def _generate_in_process(
-        self, prompts: list[list[int]], n: int, seeds: list[int | None], sampling: SamplingConfig
-    ) -> list[list[Completion]]:
-        """Samples `n` completions per prompt with the in-process engine; per request, its completions."""
-        params = [self._sampling_params(sampling, n, seed) for seed in seeds]
-        results = self._llm().generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        per_request = []
-        for request in results:
-            completions: list[Completion] = []
-            for c in sorted(request.outputs, key=lambda c: c.index):
-                ids = [int(t) for t in c.token_ids]
-                logprobs = None
-                if sampling.return_logprobs:
-                    values = [_logprob_of(c.logprobs, j, t) for j, t in enumerate(ids)]
-                    logprobs = torch.tensor(values, dtype=torch.float32)
-                completions.append((ids, finish_reason(c.finish_reason), logprobs))
-            per_request.append(completions)
-        return per_request
 
     # --------------------------------------------------------------------------------------------- scoring
     def score_logprobs(
@@ -517,8 +556,9 @@ class VLLMBackend:
         vocabulary at every position: `T × V` values shipped to Python). Instead each response token is scored by
         the sampler itself: one single-token request per position, with prompt `prompt + response[:t]`, the same
         temperature / top-k / top-p, and `logprob_token_ids=[response[t]]`, so the value is exactly what sampling
-        reports. With prefix caching (vLLM's default) the shared prefixes are mostly reused; the cost is about one
-        decoding step per response token, and memory stays `O(T)`.
+        reports. With prefix caching (vLLM's default) the shared prefixes are mostly reused (with several servers,
+        all prefixes of a sequence go to one); the cost is about one decoding step per response token, and memory
+        stays `O(T)`.
 
         Args:
             prompt_ids (`list[list[int]]`): The prompts, as token ids.
@@ -564,40 +604,10 @@ class VLLMBackend:
         if not todo:
             return rows
         full = [list(prompt_ids[i]) + list(response_ids[i]) for i in todo]
-        if self.server is not None:
-            per_seq = self.server.prompt_logprobs(full)
-        else:
-            per_seq = self._prompt_logprobs_in_process(full)
-        for i, values in zip(todo, per_seq):
+        for i, values in zip(todo, self.transport.prompt_logprobs(full)):
             start = len(prompt_ids[i]) - 1  # values[j] predicts full[j + 1]
             rows[i] = torch.tensor(values[start:], dtype=torch.float32)
         return rows
-
-    def _prompt_logprobs_in_process(self, sequences: list[list[int]]) -> list[list[float]]:
-        """Raw log-probs of each token after the first: prompt log-probs over `ids[:-1]`, then `ids[-1]` generated.
-
-        Leaving the last token out of the prompt keeps a sequence of exactly `max_model_len` tokens scorable (vLLM
-        needs room for one output token).
-        """
-        from vllm import SamplingParams
-
-        params = [
-            SamplingParams(
-                max_tokens=1,
-                temperature=0.0,
-                prompt_logprobs=0,
-                logprob_token_ids=[ids[-1]],
-                flat_logprobs=True,
-                detokenize=False,
-            )
-            for ids in sequences
-        ]
-        results = self._llm().generate([{"prompt_token_ids": ids[:-1]} for ids in sequences], params, use_tqdm=False)
-        per_seq = []
-        for res, ids in zip(results, sequences):
-            last = _logprob_of(res.outputs[0].logprobs, 0, ids[-1])
-            per_seq.append([*(_logprob_of(res.prompt_logprobs, j, ids[j]) for j in range(1, len(ids) - 1)), last])
-        return per_seq
 
     def _score_processed(
         self, prompt_ids: list[list[int]], response_ids: list[list[int]], scoring: ScoringConfig
@@ -612,32 +622,28 @@ class VLLMBackend:
             chunk = jobs[start : start + self.score_budget]
             prefixes = [list(prompt_ids[i]) + list(response_ids[i][:t]) for i, t in chunk]
             targets = [response_ids[i][t] for i, t in chunk]
-            if self.server is not None:
-                values.extend(self.server.next_token_logprobs(prefixes, targets, sampling))
-            else:
-                values.extend(self._next_token_logprobs_in_process(prefixes, targets, sampling))
+            groups = [i for i, _ in chunk]  # the prefixes of one sequence share a server's prefix cache
+            values.extend(self.transport.next_token_logprobs(prefixes, targets, sampling, groups))
         rows, k = [], 0
         for r in response_ids:
             rows.append(torch.tensor(values[k : k + len(r)], dtype=torch.float32))
             k += len(r)
         return rows
 
-    def _next_token_logprobs_in_process(
-        self, prefixes: list[list[int]], targets: list[int], sampling: SamplingConfig
-    ) -> list[float]:
-        """Log-prob of each target token right after its prefix, as the in-process sampler reports it."""
-        params = [self._sampling_params(sampling, 1, None, logprob_token=t) for t in targets]
-        results = self._llm().generate([{"prompt_token_ids": p} for p in prefixes], params, use_tqdm=False)
-        return [_logprob_of(res.outputs[0].logprobs, 0, t) for res, t in zip(results, targets)]
-
     # ----------------------------------------------------------------------------------------- weight updates
     def load_weights(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Loads new weights into the in-process engine, bumps `weights_version` and resets the prefix cache.
+        """Loads new weights into the engine or every server, bumps `weights_version` and drops the prefix cache.
 
         Names are Hugging Face checkpoint names (`model.layers.0.self_attn.q_proj.weight`), as in
         `model.state_dict()`; vLLM fuses them itself (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`). A subset
         of the weights may be pushed, but each fused module must be pushed whole (all of q, k and v): vLLM rebuilds
-        a module from what it receives, and a partial module would come out corrupted.
+        a module from what it receives, and a partial module would come out corrupted. These checks run before any
+        byte is sent.
+
+        To servers, the weights are first sent to every server while it keeps serving, then each one is paused
+        (requests in flight are kept), loads them, drops its prefix cache and resumes (see `vllm_push`). A server
+        the push cannot reach is taken out of service with the reason (logged, and in `last_push.failures`) and
+        rejoins at a later push that reaches it.
 
         Args:
             named_tensors (`Mapping[str, torch.Tensor]` or iterable of `(name, tensor)`): The new weights, on any
@@ -647,48 +653,36 @@ class VLLMBackend:
             `int`: The new `weights_version`.
 
         Raises:
-            NotImplementedError: In server mode (see the message for how to update a server).
-            ValueError: If a name is unknown to the engine or a fused module is incomplete; nothing is loaded then.
+            ValueError: If a name is unknown to the engine or a fused module is incomplete; nothing is sent then.
+            WeightPushError: If no server took the weights (the message names each server and what to do).
         """
-        if self.server is not None:
-            raise NotImplementedError(
-                "`load_weights` only works with an in-process engine. To update a vLLM server, push weights with "
-                "its own weight-sync mechanism (e.g. TRL's `trl vllm-serve`, whose `/init_communicator/` and "
-                "`/update_named_param/` endpoints the TRL trainers use, or vLLM's weight-transfer API), or restart "
-                "it on a new checkpoint; then call `mark_weights_updated()` so cached generations are dropped."
-            )
         items = list(named_tensors.items()) if isinstance(named_tensors, Mapping) else list(named_tensors)
-        engine_params = self._engine_params()  # also reads the model's own fused-module mapping
-        config = self._llm().llm_engine.model_config.hf_text_config
+        target = self.transport.describe()
         weights = check_pushed_weights(
             items,
-            engine_params=engine_params,
-            packed_modules=self._packed_modules,
-            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            engine_params=target.params,
+            packed_modules=target.packed_modules,
+            tied_embeddings=target.tied_embeddings,
         )
         if not weights:
             raise ValueError("`named_tensors` is empty: there is nothing to load.")
-        if self._direct_rpc():
-            self._llm().collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        else:  # workers live in other processes: hand the tensors over through a safetensors file
-            from safetensors.torch import save_file
-
-            with tempfile.TemporaryDirectory(prefix="trl_inference_ext_weights_") as folder:
-                save_file(
-                    {n: t.detach().cpu().contiguous() for n, t in weights}, os.path.join(folder, "model.safetensors")
-                )
-                self._llm().collective_rpc("reload_weights", kwargs={"weights_path": folder})
-        self.mark_weights_updated()
+        self._push(lambda version: self.transport.push_weights(weights, version, target))
+        self._base_changed = True
         return self._version
 
     @torch.no_grad()
     def load_weights_from_model(self, model: torch.nn.Module) -> int:
-        """Pushes the parameters of a transformers model (the policy being trained) into the engine.
+        """Pushes the weights of a transformers model (the policy being trained) into the engine or servers.
 
-        A `peft.PeftModel` has its adapters merged for the push (`merge_adapter()`) and unmerged afterwards
-        (`unmerge_adapter()`), even on error; LoRA factors are not sent, merged base weights are sent under their
-        checkpoint names. DDP/DeepSpeed wrappers are unwrapped. Parameters sharded by FSDP or ZeRO-3 must be gathered
-        by the caller first.
+        For a `peft` LoRA model whose adapter the engine can apply (it runs with LoRA, the rank fits, the adapter
+        uses only what vLLM supports: see `vllm_lora.adapter_unsupported_reason`), only the adapter is pushed and
+        requests are served with it, loaded in place under `vllm_lora.ADAPTER_NAME`. Otherwise the adapters are
+        merged for the push (`merge_adapter()`) and unmerged afterwards (`unmerge_adapter()`), even on error, and the
+        merged weights are sent under their checkpoint names. DDP/DeepSpeed wrappers are unwrapped. Parameters
+        sharded by FSDP or ZeRO-3 must be gathered by the caller first.
+
+        The adapter path assumes the engine's base weights are the PEFT model's base (the server was started on the
+        same checkpoint); after a full-weight push the base weights are pushed back once before the adapter.
 
         Args:
             model (`torch.nn.Module`): A causal LM with the same architecture as the engine's model.
@@ -699,27 +693,32 @@ class VLLMBackend:
         Raises:
             ValueError: If the model has LoRA parameters it cannot merge, or see `load_weights`.
         """
+        if self.sync_adapters and is_peft_model(_unwrap(model)):
+            reason = adapter_unsupported_reason(model, self.transport.describe().max_lora_rank)
+            if reason is None:
+                if self._base_changed:
+                    self.load_weights(base_checkpoint_weights(model))
+                adapter = export_adapter(model)
+                self._push(lambda version: self.transport.push_adapter(adapter, version))
+                self._base_changed = False
+                return self._version
+            _log_merged_fallback(reason)
         with merged_checkpoint_weights(model) as weights:
             return self.load_weights(weights)
 
-    def _direct_rpc(self) -> bool:
-        """Whether the worker shares this process, so tensors can be passed by reference."""
-        engine = self._llm().llm_engine
-        inproc = type(getattr(engine, "engine_core", None)).__name__ == "InprocClient"
-        return inproc and int(engine.vllm_config.parallel_config.world_size) == 1
-
-    def _engine_params(self) -> set[str] | None:
-        """vLLM's parameter names (fused), read once from the in-process model; `None` when not reachable."""
-        if self._param_names is None and self._direct_rpc():
-
-            def describe(model: torch.nn.Module) -> tuple[list[str], dict[str, list[str]]]:
-                return [n for n, _ in model.named_parameters()], dict(getattr(model, "packed_modules_mapping", {}))
-
-            names, packed = self._llm().apply_model(describe)[0]
-            self._param_names = set(names)
-            self._packed_modules.update({k: list(v) for k, v in packed.items()})
-        return self._param_names
+    def _push(self, push: Callable[[str], PushReport]) -> None:
+        """Runs one push under the next version; the version is bumped even when it fails, as weights may have
+        changed somewhere, so no cached generation from before can be served."""
+        try:
+            self.last_push = push(f"trl-{self._session}-{self._version + 1}")
+        finally:
+            self.mark_weights_updated()
 
     def __repr__(self) -> str:
         where = f"base_url={self.base_url!r}" if self.server_mode else "in_process=True"
         return f"{type(self).__name__}(model={self.model_name!r}, {where}, weights_version={self._version})"
+
+
+@functools.lru_cache(maxsize=8)
+def _log_merged_fallback(reason: str) -> None:
+    logger.info("Pushing merged full weights instead of the LoRA adapter: %s.", reason)

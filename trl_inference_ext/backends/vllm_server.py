@@ -4,6 +4,11 @@ Requests go through `urllib` (no extra dependency) with token ids in and out (`r
 `return_tokens_as_token_ids`), so results line up with the other backends token for token. Connection errors and
 502/503/504 answers are retried with exponential backoff; other HTTP errors raise `VLLMServerError`, with the API key
 redacted from the message.
+
+`CompletionRequests` turns generation and scoring into `/v1/completions` bodies and reads the answers back; how the
+bodies reach a server is its subclass's `complete`: one server here (`VLLMServerClient`), several in
+`vllm_pool.ServerPool`. `VLLMServerClient` also drives the routes a weight push needs (`/pause`, `/collective_rpc`,
+...; see `vllm_push`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPException
@@ -23,6 +29,10 @@ from .vllm_sampling import Completion, finish_reason, sampler_settings
 
 _RETRY_STATUSES = (502, 503, 504)
 _ERROR_BODY_CHARS = 500
+
+
+class VLLMServerUnusableError(RuntimeError):
+    """A server is left out of service: a weight push to it failed, so it may hold old or partly loaded weights."""
 
 
 class VLLMServerError(RuntimeError):
@@ -176,70 +186,26 @@ def parse_token_logprob(choice: dict[str, Any], token: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- client
-class VLLMServerClient:
-    """Generates and scores token ids through a running vLLM server's `/v1/completions`.
+class CompletionRequests:
+    """Generation and scoring as `/v1/completions` requests; subclasses say where the requests go (`complete`)."""
 
-    Args:
-        base_url (`str`): URL of the server, e.g. `"http://127.0.0.1:8000"`.
-        model_name (`str`): The model id to request; when the server serves a single model, that one is used.
-        api_key (`str`, *optional*): Bearer token (`vllm serve --api-key`); never shown in error messages.
-        timeout (`float`, *optional*, defaults to 600.0): Seconds to wait for one HTTP response.
-        max_retries (`int`, *optional*, defaults to 3): Retries on connection errors and 502/503/504.
-    """
+    def complete(self, payloads: list[dict[str, Any]], groups: list[int] | None = None) -> list[dict[str, Any]]:
+        """Sends `/v1/completions` bodies (without the model id) and returns the JSON answers in input order.
 
-    retry_backoff: float = 0.5
-    """Seconds before the first retry; doubles on each further retry."""
-    max_concurrent_requests: int = 32
-    """Concurrent HTTP requests (the server batches them)."""
-
-    def __init__(
-        self,
-        base_url: str,
-        model_name: str,
-        *,
-        api_key: str | None = None,
-        timeout: float = 600.0,
-        max_retries: int = 3,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.model_name = model_name
-        self.timeout = float(timeout)
-        self.max_retries = max_retries
-        self._api_key = api_key
-        self._served_model: str | None = None
-        self._max_model_len: int | None = None
-
-    # ----------------------------------------------------------------------------------------- model info
-    def served_model(self) -> str:
-        """The model id to put in requests, read once from `/v1/models` (with the server's `max_model_len`).
-
-        Raises:
-            ValueError: If the server serves several models and none is `model_name`.
+        Args:
+            payloads (`list[dict]`): Request bodies.
+            groups (`list[int]`, *optional*): A group key per body; bodies of one group share a prefix and go to the
+                same server when there are several.
         """
-        if self._served_model is None:
-            models = self.request("GET", "/v1/models").get("data", [])
-            ids = [m.get("id") for m in models]
-            chosen = next((m for m in models if m.get("id") == self.model_name), None)
-            if chosen is None and len(models) == 1:
-                chosen = models[0]
-            if chosen is None:
-                raise ValueError(
-                    f"The server at {self.base_url} serves {ids}; none is {self.model_name!r}. Pass the served "
-                    f"model id as `model_name`."
-                )
-            self._served_model = str(chosen["id"])
-            max_len = chosen.get("max_model_len")
-            self._max_model_len = int(max_len) if isinstance(max_len, int) else None
-        return self._served_model
+        raise NotImplementedError
 
-    def max_model_len(self) -> int | None:
-        """The served model's `max_model_len` as reported by `/v1/models`, or `None` if the server does not say."""
-        self.served_model()
-        return self._max_model_len
-
-    # ------------------------------------------------------------------------------------------- requests
     def generate(
-        self, prompts: list[list[int]], n: int, seeds: list[int | None], sampling: SamplingConfig
+        self,
+        prompts: list[list[int]],
+        n: int,
+        seeds: list[int | None],
+        sampling: SamplingConfig,
+        groups: list[int] | None = None,
     ) -> list[list[Completion]]:
         """Samples `n` completions per prompt, one request per prompt.
 
@@ -248,11 +214,12 @@ class VLLMServerClient:
             n (`int`): Completions per request.
             seeds (`list[int | None]`): Seed of each request.
             sampling (`SamplingConfig`): Sampling settings (validated by the caller).
+            groups (`list[int]`, *optional*): Group key of each request (default: one group per request).
 
         Returns:
             `list[list[tuple]]`: Per request, its completions as `(token ids, finish_reason, log-probs or None)`.
         """
-        answers = self.complete([completion_payload(p, n, sampling, seed) for p, seed in zip(prompts, seeds)])
+        answers = self.complete([completion_payload(p, n, sampling, seed) for p, seed in zip(prompts, seeds)], groups)
         return [parse_choices(a["choices"], sampling.return_logprobs) for a in answers]
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
@@ -273,7 +240,7 @@ class VLLMServerClient:
         return values
 
     def next_token_logprobs(
-        self, prefixes: list[list[int]], targets: list[int], sampling: SamplingConfig
+        self, prefixes: list[list[int]], targets: list[int], sampling: SamplingConfig, groups: list[int] | None = None
     ) -> list[float]:
         """Log-prob of each target token right after its prefix, under the processed sampling distribution.
 
@@ -281,40 +248,136 @@ class VLLMServerClient:
             prefixes (`list[list[int]]`): Token ids before each target.
             targets (`list[int]`): The token scored after each prefix.
             sampling (`SamplingConfig`): Temperature, top-k and top-p to process the distribution with.
+            groups (`list[int]`, *optional*): Group key of each request, e.g. the sequence it scores (its prefixes
+                then share a server's prefix cache).
 
         Returns:
             `list[float]`: One log-prob per target.
         """
         payloads = [completion_payload(p, 1, sampling, None, logprob_token=t) for p, t in zip(prefixes, targets)]
-        answers = self.complete(payloads)
+        answers = self.complete(payloads, groups)
         return [parse_token_logprob(a["choices"][0], t) for a, t in zip(answers, targets)]
 
-    def complete(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """POSTs `/v1/completions` requests concurrently (the server batches them).
+
+class VLLMServerClient(CompletionRequests):
+    """Generates and scores token ids through a running vLLM server's `/v1/completions`.
+
+    Args:
+        base_url (`str`): URL of the server, e.g. `"http://127.0.0.1:8000"`.
+        model_name (`str`): The model id to request; when the server serves a single model, that one is used.
+        api_key (`str`, *optional*): Bearer token (`vllm serve --api-key`); never shown in error messages.
+        timeout (`float`, *optional*, defaults to 600.0): Seconds to wait for one HTTP response.
+        max_retries (`int`, *optional*, defaults to 3): Retries on connection errors and 502/503/504.
+
+    Attributes:
+        adapter (`str`, *optional*): Name of the LoRA adapter requests are sent to (set by a LoRA push); `None`
+            requests the base model.
+        unusable (`str`, *optional*): Why the server is out of service (a failed weight push); requests raise
+            `VLLMServerUnusableError` until a push succeeds.
+    """
+
+    retry_backoff: float = 0.5
+    """Seconds before the first retry; doubles on each further retry."""
+    max_concurrent_requests: int = 32
+    """Concurrent HTTP requests (the server batches them)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model_name: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        max_retries: int = 3,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model_name = model_name
+        self.timeout = float(timeout)
+        self.max_retries = max_retries
+        self.adapter: str | None = None
+        self.unusable: str | None = None
+        self._api_key = api_key
+        self._served_model: str | None = None
+        self._max_model_len: int | None = None
+
+    # ----------------------------------------------------------------------------------------- model info
+    def served_model(self) -> str:
+        """The model id to put in requests, read once from `/v1/models` (with the server's `max_model_len`).
+
+        Raises:
+            ValueError: If the server serves several models and none is `model_name`.
+        """
+        if self._served_model is None:
+            models = self.request("GET", "/v1/models").get("data", [])
+            models = [m for m in models if not m.get("parent")]  # LoRA adapters are listed with their base model
+            ids = [m.get("id") for m in models]
+            chosen = next((m for m in models if m.get("id") == self.model_name), None)
+            if chosen is None and len(models) == 1:
+                chosen = models[0]
+            if chosen is None:
+                raise ValueError(
+                    f"The server at {self.base_url} serves {ids}; none is {self.model_name!r}. Pass the served "
+                    f"model id as `model_name`."
+                )
+            self._served_model = str(chosen["id"])
+            max_len = chosen.get("max_model_len")
+            self._max_model_len = int(max_len) if isinstance(max_len, int) else None
+        return self._served_model
+
+    def max_model_len(self) -> int | None:
+        """The served model's `max_model_len` as reported by `/v1/models`, or `None` if the server does not say."""
+        self.served_model()
+        return self._max_model_len
+
+    # ------------------------------------------------------------------------------------------- requests
+    def complete(self, payloads: list[dict[str, Any]], groups: list[int] | None = None) -> list[dict[str, Any]]:
+        """POSTs `/v1/completions` requests concurrently (the server batches them); `groups` is not needed here.
 
         Args:
             payloads (`list[dict]`): Request bodies without the model id.
+            groups (`list[int]`, *optional*): Ignored (one server).
 
         Returns:
             `list[dict]`: The JSON answers, in input order.
+
+        Raises:
+            VLLMServerUnusableError: If a weight push to this server failed and none succeeded since.
         """
-        model = self.served_model()
+        self.check_usable()
+        model = self.adapter or self.served_model()
         bodies = [{"model": model, **p} for p in payloads]
         if len(bodies) == 1:
             return [self.request("POST", "/v1/completions", bodies[0])]
         with ThreadPoolExecutor(max_workers=min(self.max_concurrent_requests, len(bodies))) as pool:
             return list(pool.map(lambda b: self.request("POST", "/v1/completions", b), bodies))
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def check_usable(self) -> None:
+        """Raises `VLLMServerUnusableError` if the server is out of service (see `unusable`)."""
+        if self.unusable is not None:
+            raise VLLMServerUnusableError(self.unusable)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+    ) -> dict[str, Any]:
         """One HTTP request with bounded retries on connection errors and 502/503/504.
 
         Args:
             method (`str`): `"GET"` or `"POST"`.
             path (`str`): Path under `base_url`, e.g. `"/v1/models"`.
             body (`dict`, *optional*): JSON body.
+            params (`dict[str, str]`, *optional*): Query parameters.
+            timeout (`float`, *optional*): Seconds to wait for the answer (default: `self.timeout`).
+            max_retries (`int`, *optional*): Retries (default: `self.max_retries`).
 
         Returns:
-            `dict`: The decoded JSON answer.
+            `dict`: The decoded JSON answer (`{}` for an empty one, `{"text": ...}` for a text answer).
 
         Raises:
             ConnectionError: If the server cannot be reached after `max_retries` retries.
@@ -323,37 +386,115 @@ class VLLMServerClient:
             VLLMServerError: On any other HTTP error status, with the status and the start of the response body.
         """
         url = f"{self.base_url}{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        wait = self.timeout if timeout is None else float(timeout)
+        retries = self.max_retries if max_retries is None else max_retries
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         last_error = ""
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(retries + 1):
             if attempt:
                 time.sleep(self.retry_backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(url, data=data, headers=headers, method=method)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read().decode("utf-8"))
+                with urllib.request.urlopen(request, timeout=wait) as response:
+                    raw = response.read().decode("utf-8")
+                    if not raw.strip():
+                        return {}
+                    if "json" not in (response.headers.get("Content-Type") or ""):
+                        return {"text": raw}  # e.g. `/v1/load_lora_adapter` answers in plain text
+                    return json.loads(raw)
             except urllib.error.HTTPError as err:
                 text = self._redact(err.read().decode("utf-8", errors="replace"))[:_ERROR_BODY_CHARS]
                 if err.code in _RETRY_STATUSES:
                     last_error = f"HTTP {err.code}: {text}"
                     continue
                 raise VLLMServerError(
-                    f"vLLM server {method} {url} failed with HTTP {err.code}: {text}", err.code, text
+                    f"vLLM server {method} {self.base_url}{path} failed with HTTP {err.code}: {text}", err.code, text
                 ) from None
             except TimeoutError as err:
-                raise TimeoutError(f"vLLM server {method} {url} did not answer within {self.timeout:g} s.") from err
+                raise TimeoutError(f"vLLM server {method} {url} did not answer within {wait:g} s.") from err
             except urllib.error.URLError as err:
                 if isinstance(err.reason, TimeoutError):
-                    raise TimeoutError(f"vLLM server {method} {url} did not answer within {self.timeout:g} s.") from err
+                    raise TimeoutError(f"vLLM server {method} {url} did not answer within {wait:g} s.") from err
                 last_error = f"{type(err.reason).__name__}: {err.reason}"
             except (ConnectionError, HTTPException) as err:
                 last_error = f"{type(err).__name__}: {err}"
         raise ConnectionError(
-            f"Could not reach the vLLM server at {self.base_url} after {self.max_retries + 1} attempt(s): {last_error}"
+            f"Could not reach the vLLM server at {self.base_url} after {retries + 1} attempt(s): {last_error}"
         )
+
+    # -------------------------------------------------------------------------------- server management
+    def is_healthy(self, timeout: float = 5.0) -> bool:
+        """Whether `/health` answers 200 within `timeout` seconds (one attempt, no retries)."""
+        try:
+            self.request("GET", "/health", timeout=timeout, max_retries=0)
+        except (ConnectionError, TimeoutError, VLLMServerError, ValueError):
+            return False
+        return True
+
+    def collective_rpc(self, method: str, *args: str, timeout: float | None = None) -> list[Any]:
+        """Calls a worker method on every worker of the server (`/collective_rpc`, `VLLM_SERVER_DEV_MODE=1`).
+
+        Args:
+            method (`str`): The worker method, e.g. `"reload_weights"` or a `trl_` method of
+                `vllm_worker.WeightSyncExtension`.
+            *args (`str`): Its arguments (the route passes strings only).
+            timeout (`float`, *optional*): Seconds for the call (default: `self.timeout`).
+
+        Returns:
+            `list`: One result per worker.
+        """
+        body: dict[str, Any] = {"method": method, "args": list(args)}
+        answer = self.request("POST", "/collective_rpc", body, timeout=timeout, max_retries=0)
+        return list(answer.get("results") or [])
+
+    def reload_weights_from(self, folder: str, timeout: float | None = None) -> None:
+        """Has the server reload (some of) its weights from safetensors files in `folder`, a path on its machine."""
+        body = {"method": "reload_weights", "kwargs": {"weights_path": folder}}
+        self.request("POST", "/collective_rpc", body, timeout=timeout, max_retries=0)
+
+    def pause(self) -> None:
+        """Pauses scheduling; in-flight requests are kept and continue on `resume` (`/pause?mode=keep`)."""
+        self.request("POST", "/pause", params={"mode": "keep"}, max_retries=0)
+
+    def resume(self) -> None:
+        """Resumes scheduling after `pause`."""
+        self.request("POST", "/resume", max_retries=0)
+
+    def reset_prefix_cache(self) -> None:
+        """Drops the prefix cache, preempting kept requests so their KV entries are recomputed with the new weights.
+
+        Raises:
+            RuntimeError: If the server reports that the cache could not be reset.
+        """
+        answer = self.request("POST", "/reset_prefix_cache", params={"reset_running_requests": "true"}, max_retries=0)
+        if answer.get("success") is False:
+            raise RuntimeError(f"The vLLM server at {self.base_url} could not reset its prefix cache.")
+
+    def weight_version(self) -> str | None:
+        """The weight version the server reports (`/weight_info`); `"default"` until a push set one."""
+        value = self.request("GET", "/weight_info", max_retries=0).get("weight_version")
+        return None if value is None else str(value)
+
+    def set_weight_version(self, version: str) -> None:
+        """Records `version` as the server's weight version (`/update_weight_version`)."""
+        self.request("POST", "/update_weight_version", {"new_version": version}, max_retries=0)
+
+    def weight_checksums(self) -> dict[str, str]:
+        """SHA-256 of every weight the server holds, by vLLM parameter name (`/weight_checker`)."""
+        return dict(self.request("POST", "/weight_checker", {"action": "checksum"}).get("checksums") or {})
+
+    def load_lora_adapter(self, name: str, folder: str) -> None:
+        """Loads (or reloads in place) the LoRA adapter `name` from `folder`, a path on the server's machine.
+
+        Needs a server started with `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`.
+        """
+        body = {"lora_name": name, "lora_path": folder, "load_inplace": True}
+        self.request("POST", "/v1/load_lora_adapter", body, max_retries=0)
 
     def _redact(self, text: str) -> str:
         """`text` with the API key replaced by `***`."""

@@ -145,3 +145,28 @@ def merged_checkpoint_weights(model: torch.nn.Module) -> Iterator[NamedTensors]:
     finally:
         if mergeable:
             unwrapped.unmerge_adapter()
+
+
+def base_checkpoint_weights(model: torch.nn.Module) -> NamedTensors:
+    """The base weights of a `peft` model (adapters not merged) under their checkpoint names.
+
+    Used to restore an engine's base weights before it applies a pushed LoRA adapter again, after full (merged)
+    weights replaced them. LoRA factors are left out; the tensors are detached views of the live parameters.
+
+    Args:
+        model (`torch.nn.Module`): A `peft.PeftModel` (possibly wrapped) whose adapters are not merged.
+
+    Returns:
+        `list[tuple[str, torch.Tensor]]`: `(checkpoint name, tensor)` pairs.
+    """
+    unwrapped = _unwrap(model)
+    if any(getattr(m, "merged", False) for m in unwrapped.modules()):
+        raise ValueError("The model's adapters are merged; unmerge them before pushing its base weights.")
+    weights = []
+    for name, param in unwrapped.named_parameters():
+        if "modules_to_save" in name.split("."):
+            continue  # the trained copy; the base keeps the original module's weights
+        target = checkpoint_name(name, peft=True)
+        if target is not None:
+            weights.append((target, param.detach()))
+    return weights

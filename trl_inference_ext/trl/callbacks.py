@@ -6,6 +6,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..backends.capabilities import SupportsWeightPush
 from ..module import InferenceModule
 
 
@@ -35,7 +36,7 @@ class InferenceSyncCallback(TrainerCallback):
         if state.global_step % self.every_n_steps:
             return
         backend = self.inference.backend
-        if model is not None and hasattr(backend, "load_weights_from_model"):
+        if model is not None and isinstance(backend, SupportsWeightPush):
             backend.load_weights_from_model(model)
         self.inference.mark_weights_updated()
         self.syncs += 1

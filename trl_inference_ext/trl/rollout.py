@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from ..backends.capabilities import SupportsWeightPush
 from ..module import InferenceModule
 from ..tools.execution import ISOLATIONS, MAX_OUTPUT_CHARS, ToolExecutor
 from ..tools.loop import ToolRollout, repeat_group_size, run_tool_loop
@@ -60,9 +61,16 @@ class RolloutFunction:
         if step == self._synced_step:
             return
         backend = self.inference.backend
-        if hasattr(backend, "load_weights_from_model"):
-            with self._trainer_model(trainer) as model:
-                backend.load_weights_from_model(model)
+        if isinstance(backend, SupportsWeightPush):
+            accelerator = trainer.accelerator
+            shared = backend.server_mode and accelerator.num_processes > 1
+            with self._trainer_model(trainer) as model:  # every rank enters: a ZeRO-3 gather is collective
+                if not shared or accelerator.is_main_process:  # servers shared by the ranks take one push
+                    backend.load_weights_from_model(model)
+            if shared:
+                accelerator.wait_for_everyone()
+                if not accelerator.is_main_process:
+                    backend.mark_weights_updated()
         elif getattr(backend, "model", None) is not trainer.accelerator.unwrap_model(trainer.model_wrapped):
             raise ValueError(
                 "The given `inference` runs a different model than the trainer and its backend cannot load weights; "

@@ -1,0 +1,46 @@
+"""Optional backend capabilities, as small protocols checked at run time (`isinstance(backend, SupportsWeightPush)`).
+
+The `Backend` protocol (`base.py`) is what every backend does. These are what only some do; callers check for the
+capability they need instead of probing attribute names, and a new backend gains a feature by implementing the
+methods, nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class SupportsWeightPush(Protocol):
+    """A backend whose engine holds its own copy of the weights, updated by pushing new ones (vLLM, in-process or
+    servers). A backend without it runs the trained model itself and sees new weights as they are made."""
+
+    @property
+    def server_mode(self) -> bool:
+        """Whether the weights live on servers, which every training process shares (one push per step is enough)."""
+        ...
+
+    def load_weights(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Loads weights given under their checkpoint names; returns the new `weights_version`."""
+        ...
+
+    def load_weights_from_model(self, model: torch.nn.Module) -> int:
+        """Pushes a transformers model's weights (a LoRA adapter alone when it can); returns the new version."""
+        ...
+
+
+@runtime_checkable
+class SupportsAdapterToggling(Protocol):
+    """A backend that can score with a PEFT model's adapters turned off (or another adapter on), for the reference
+    policy without a second copy of the model."""
+
+    def reference_context(self, adapter_name: str | None = None) -> AbstractContextManager[None]:
+        """A context in which the backend runs the reference policy."""
+        ...
+
+
+__all__ = ["SupportsAdapterToggling", "SupportsWeightPush"]

@@ -10,6 +10,8 @@ and tool-result tokens are masked out of the loss through `env_mask`.
 
 `--model` is any local causal LM folder (`tiny` builds a tiny random model). `--use_vllm` generates with this
 package's vLLM backend (weights pushed from the trainer at each step) instead of the trainer's model.
+`--vllm_server_urls URL1,URL2` generates on vLLM servers started with `trl-inference serve MODEL --lora-rank R`
+(the same model folder; key in $VLLM_API_KEY), pushing the LoRA adapter to every server at each step.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ class RecipeArguments:
     log_rollouts: bool = field(
         default=False, metadata={"help": "Write each rank's rollouts to OUTPUT/rollouts_rankN.jsonl."}
     )
+    vllm_server_urls: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated URLs of vLLM servers started with `trl-inference serve MODEL --lora-rank R`: "
+            "rollouts are spread over them and the adapter is pushed to each at every step (API key from "
+            "$VLLM_API_KEY)."
+        },
+    )
 
 
 def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
@@ -77,7 +87,16 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
 
     inference = None
-    if training_args.use_vllm:  # our vLLM backend generates; TRL's own vLLM path stays off
+    if args.vllm_server_urls:  # remote servers generate; weights (the LoRA adapter) are pushed at each new step
+        training_args.use_vllm = False
+        inference = InferenceModule(
+            model_path,
+            backend="vllm",
+            base_url=args.vllm_server_urls.split(","),
+            api_key=os.environ.get("VLLM_API_KEY"),
+            tool_parser=args.tool_parser,
+        )
+    elif training_args.use_vllm:  # our vLLM backend generates; TRL's own vLLM path stays off
         training_args.use_vllm = False
         # On a GPU the trainer shares the device: take TRL's memory share. On the CPU build the backend sizes the KV
         # cache in bytes by itself (a share of RAM would depend on what this process already holds).

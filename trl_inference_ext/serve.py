@@ -321,7 +321,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "key can replace the weights; keep the key secret and the port behind a firewall.",
             file=sys.stderr,
         )
-    server = ServerProcess(config)
     stopping = False
 
     def stop(signum: int, frame: Any) -> None:
@@ -329,8 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stopping = True
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    # Ctrl-C and SIGTERM both stop the server; SIGINT is set explicitly, since a launcher started in the background
+    # of a script inherits it ignored. The server runs in its own process group, which `stop()` ends as a whole.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server: ServerProcess | None = None
     try:
+        server = ServerProcess(config)
         server.wait_healthy(args.startup_timeout)
         print(f"vLLM server ready at {config.url} (pid {server.process.pid}, model {config.model}", end="")
         print(f", LoRA rank <= {config.lora_rank})" if config.lora_rank else ")")
@@ -348,8 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trl-inference serve: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        code = server.stop()
+        for sig in previous:  # a second Ctrl-C must not cut the shutdown short
+            signal.signal(sig, signal.SIG_IGN)
+        code = server.stop() if server is not None else 0
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if stopping:
             print(f"vLLM server stopped (status {code}).", file=sys.stderr)
 

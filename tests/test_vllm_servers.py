@@ -845,3 +845,76 @@ def test_pool_keeps_groups_together_and_fails_over_in_order(tiny_model_dir):
     finally:
         healthy.close()
         dying.close()
+
+
+def test_adapters_vllm_cannot_apply_fall_back_to_merged_weights(tiny_model_dir):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from trl_inference_ext.backends.vllm_lora import adapter_unsupported_reason, export_adapter
+
+    def lora(**config: Any) -> torch.nn.Module:
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        return peft.get_peft_model(base, peft.LoraConfig(**{"r": 4, "target_modules": ["q_proj", "v_proj"], **config}))
+
+    plain = lora()
+    assert adapter_unsupported_reason(plain, max_lora_rank=8) is None
+    exported = export_adapter(plain)
+    assert exported.rank == 4 and all(".lora_" in name for name in exported.tensors)
+    assert '"r": 4' in exported.config and exported.nbytes == sum(t.numel() * 4 for t in exported.tensors.values())
+    assert "without LoRA" in adapter_unsupported_reason(plain, max_lora_rank=None)
+    assert "exceeds" in adapter_unsupported_reason(lora(r=16), max_lora_rank=8)
+    assert "modules_to_save" in adapter_unsupported_reason(lora(modules_to_save=["lm_head"]), max_lora_rank=8)
+    assert "use_dora" in adapter_unsupported_reason(lora(use_dora=True), max_lora_rank=8)
+    assert "embed_tokens" in adapter_unsupported_reason(lora(target_modules=["embed_tokens"]), max_lora_rank=8)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert "not a peft" in adapter_unsupported_reason(base, max_lora_rank=8)
+
+
+def test_in_process_engine_takes_the_adapter_alone(tiny_model_dir):
+    """Colocated training: the LoRA adapter goes into the in-process engine under one name, full weights end it."""
+    _require_vllm()
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    engine = VLLMBackend(
+        tiny_model_dir,
+        dtype="float32",
+        kv_cache_memory_bytes=KV_CACHE_BYTES,
+        enforce_eager=True,
+        enable_lora=True,
+        max_lora_rank=LORA_RANK,
+    )
+    try:
+        torch.manual_seed(1)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        config = peft.LoraConfig(
+            r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False
+        )
+        model = peft.get_peft_model(base, config)
+        assert engine.load_weights_from_model(model) == 1 and engine.adapter == "trl-policy"
+        lora_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
+        assert engine.last_push is not None and engine.last_push.bytes_sent == lora_bytes
+        from trl_inference_ext.backends.huggingface import HuggingFaceBackend
+
+        reference = HuggingFaceBackend(model, engine.tokenizer)
+        prompt_ids = _prompt_ids(engine.tokenizer)
+        with torch.no_grad():
+            expected = [o.token_ids for o in reference.generate(prompt_ids, GREEDY)]
+        assert [o.token_ids for o in engine.generate(prompt_ids, GREEDY)] == expected
+        outputs = engine.generate(prompt_ids, SAMPLED)
+        prompts = [prompt_ids[o.prompt_index] for o in outputs]
+        with torch.no_grad():
+            scored = reference.score_logprobs(prompts, [o.token_ids for o in outputs], ScoringConfig(temperature=0.7))
+        torch.testing.assert_close(_padded([o.logprobs for o in outputs]), scored, atol=TOLERANCE, rtol=0)
+        assert engine.load_weights_from_model(model) == 2  # pushed again under a fresh id
+        with torch.no_grad():
+            model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(0.5)
+        engine.load_weights_from_model(model)
+        after = [o.token_ids for o in engine.generate(prompt_ids, GREEDY)]
+        with torch.no_grad():
+            assert after == [o.token_ids for o in reference.generate(prompt_ids, GREEDY)]
+        engine.load_weights(dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters()))
+        assert engine.adapter is None  # full weights replace the adapter
+    finally:
+        engine.close()

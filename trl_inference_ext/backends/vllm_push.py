@@ -20,13 +20,13 @@ The fused-group completeness check (`vllm_weights.check_pushed_weights`) runs be
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import shutil
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -112,14 +112,17 @@ class HTTPChunks:
     """Sends tensors through `/collective_rpc` to the worker extension, in checksummed safetensors chunks.
 
     Needs servers started with `--worker-extension-cls trl_inference_ext.backends.vllm_worker.WeightSyncExtension`
-    (as `trl-inference serve` does). Each chunk is serialised once and sent to every server concurrently; the sending
-    side holds one chunk at a time, each server stages a copy of the pushed weights in host memory until the swap.
+    (as `trl-inference serve` does). Each chunk is serialised once and sent to every server concurrently, with
+    `in_flight` chunks on the way at once; each server stages a copy of the pushed weights in host memory until the
+    swap.
 
     Args:
         chunk_bytes (`int`, *optional*, defaults to 64 MiB): Tensor bytes per request (a larger tensor is sent alone).
     """
 
     name = "http"
+    in_flight: int = 2
+    """Chunks on the way to a server at once (each costs its size in memory here, base64-encoded)."""
 
     def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
@@ -155,14 +158,31 @@ class HTTPChunks:
     def _stage(
         self, clients: Sequence[VLLMServerClient], weights: NamedTensors, session: str
     ) -> dict[str, BaseException]:
+        """Sends every chunk to every client, keeping `in_flight` chunks on the way so that encoding here, parsing
+        in the server's API process and staging in its engine process overlap."""
         failures = _each(clients, lambda c: c.collective_rpc("trl_stage_begin", session))
-        for chunk in _chunks(weights, self.chunk_bytes):
-            live = [c for c in clients if c.base_url not in failures]
-            if not live:
-                break
-            data, digest = encode_chunk(chunk)
-            failures.update(_each(live, functools.partial(_send_chunk, session=session, data=data, digest=digest)))
-            del data
+        on_the_way: deque[dict[str, Future[None]]] = deque()
+
+        def settle(futures: dict[str, Future[None]]) -> None:
+            for url, future in futures.items():
+                exc = future.exception()
+                if exc is not None:
+                    failures.setdefault(url, exc)
+
+        with ThreadPoolExecutor(max_workers=max(1, len(clients) * self.in_flight)) as pool:
+            for chunk in _chunks(weights, self.chunk_bytes):
+                live = [c for c in clients if c.base_url not in failures]
+                if not live:
+                    break
+                data, digest = encode_chunk(chunk)
+                on_the_way.append(
+                    {c.base_url: pool.submit(_send_chunk, c, session=session, data=data, digest=digest) for c in live}
+                )
+                del data
+                while len(on_the_way) >= self.in_flight:
+                    settle(on_the_way.popleft())
+            while on_the_way:
+                settle(on_the_way.popleft())
         for client in clients:  # free what a failed server staged (best effort: it may be unreachable)
             if client.base_url in failures:
                 with contextlib.suppress(Exception):

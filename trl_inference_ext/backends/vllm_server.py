@@ -489,12 +489,20 @@ class VLLMServerClient(CompletionRequests):
         return dict(self.request("POST", "/weight_checker", {"action": "checksum"}).get("checksums") or {})
 
     def load_lora_adapter(self, name: str, folder: str) -> None:
-        """Loads (or reloads in place) the LoRA adapter `name` from `folder`, a path on the server's machine.
+        """Serves the LoRA adapter in `folder` (a path on the server's machine) under `name`, replacing any adapter
+        of that name.
 
-        Needs a server started with `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`.
+        The adapter is registered again under a fresh id rather than with vLLM's `load_inplace=True`: an in-place
+        registration makes the engine reload the adapter from disk at every step that uses it, and a fresh id also
+        keeps prefix-cache entries of the previous adapter from being reused. Needs a server started with
+        `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1` (`trl-inference serve --lora-rank R`).
         """
-        body = {"lora_name": name, "lora_path": folder, "load_inplace": True}
-        self.request("POST", "/v1/load_lora_adapter", body, max_retries=0)
+        try:
+            self.request("POST", "/v1/unload_lora_adapter", {"lora_name": name}, max_retries=0)
+        except VLLMServerError as exc:
+            if exc.status != 404:  # 404: not loaded yet
+                raise
+        self.request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": folder}, max_retries=0)
 
     def _redact(self, text: str) -> str:
         """`text` with the API key replaced by `***`."""

@@ -4,9 +4,6 @@ On the Hugging Face backend each rollout's KV cache is kept from one turn to the
 reuse_kv=True)`); on vLLM the engine's automatic prefix caching does the same. Exactness is measured against the
 re-prefilled path (`reuse_kv=False`, what the loop did before): greedy token ids identical (after asserting the
 greedy margins, so no float error can flip a choice), model-token log-probs within 1e-4.
-
-The tests marked `PENDING` describe the Hugging Face implementation, which is not written yet; they are strict
-xfails, so the marker must come off when it lands.
 """
 
 from __future__ import annotations
@@ -23,9 +20,6 @@ from trl_inference_ext import InferenceModule
 from trl_inference_ext.testing import greedy_margin
 from trl_inference_ext.tools.loop import ToolRollout, run_tool_loop
 
-PENDING = pytest.mark.xfail(
-    strict=True, reason="KV reuse across tool turns on the Hugging Face backend is not implemented yet"
-)
 PROMPT = [{"role": "user", "content": "add 2 and 3"}]
 OTHER = [{"role": "user", "content": "add 7 and 4"}]
 TOLERANCE = 1e-4
@@ -126,7 +120,6 @@ def assert_logprobs_score_as_sampled(
 
 
 # -------------------------------------------------------------------------------------------- Hugging Face backend
-@PENDING
 def test_a_tool_turn_prefills_only_the_appended_tokens(tool_inference):
     loop = {"tools": [add], "do_sample": False, "tool_isolation": "thread"}
     with prefilled_tokens(tool_inference) as counts:
@@ -145,7 +138,6 @@ def test_a_tool_turn_prefills_only_the_appended_tokens(tool_inference):
     assert counts == [len(rollout.prompt_ids), 4 * (1 + tool_message)]
 
 
-@PENDING
 @pytest.mark.parametrize(
     ("prompts", "options"),
     [
@@ -165,6 +157,73 @@ def test_reused_kv_gives_the_reprefilled_rollouts(tool_inference, prompts, optio
     reused = run_tool_loop(tool_inference, prompts, reuse_kv=True, **loop)
     assert_same_rollouts(reused, reprefilled)
     assert_logprobs_score_as_sampled(tool_inference, reused)
+
+
+def _bytes_per_token(inference: InferenceModule) -> int:
+    config = inference.backend.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # float32
+
+
+def test_rows_that_do_not_fit_are_reprefilled_beside_the_reused_ones(tool_inference):
+    """A store with room for one row: turn 2 runs that row's new tokens and the other's whole context, exactly."""
+    loop = {"tools": [add], "do_sample": False, "tool_isolation": "thread"}
+    reprefilled = run_tool_loop(tool_inference, [PROMPT, OTHER], reuse_kv=False, **loop)
+    assert_greedy_margins(tool_inference, reprefilled)
+    first_turns = [r.env_mask.index(0) for r in reprefilled]
+    kept = [len(r.prompt_ids) + n - 1 for r, n in zip(reprefilled, first_turns)]  # what each stopped row covers
+    assert all(r.env_mask.count(0) > 0 for r in reprefilled)
+    backend = tool_inference.backend
+    with backend.keep_turn_caches(max_bytes=_bytes_per_token(tool_inference) * max(kept)) as store:
+        with prefilled_tokens(tool_inference) as counts:
+            reused = run_tool_loop(tool_inference, [PROMPT, OTHER], reuse_kv=True, **loop)
+        assert store.nbytes <= store.max_bytes
+    assert_same_rollouts(reused, reprefilled)
+    contexts = [len(r.prompt_ids) + n + r.env_mask.count(0) for r, n in zip(reprefilled, first_turns)]
+    appended = [c - k for c, k in zip(contexts, kept)]
+    assert counts[1] in {appended[0] + contexts[1], contexts[0] + appended[1]}  # one row reused, one not
+    assert backend.turn_cache is None
+
+
+def test_the_store_is_freed_when_the_block_exits_even_on_errors(tool_inference):
+    backend = tool_inference.backend
+    (rollout,) = run_tool_loop(tool_inference, [PROMPT], tools=[add], do_sample=False, tool_isolation="thread")
+    with pytest.raises(RuntimeError, match="stop here"), tool_inference.multi_turn() as nothing:
+        assert nothing is None
+        tool_inference.generate([rollout.prompt_ids], max_new_tokens=80, do_sample=False, use_cache=False)
+        assert len(backend.turn_cache) == 1 and backend.turn_cache.nbytes > 0
+        raise RuntimeError("stop here")
+    assert backend.turn_cache is None
+
+
+def test_a_weight_update_between_turns_drops_the_kept_caches(tool_model_dir):
+    inference = InferenceModule(tool_model_dir, device="cpu", dtype="float32", tool_parser="hermes", cache_size=0)
+    (rollout,) = run_tool_loop(inference, [PROMPT], tools=[add], do_sample=False, tool_isolation="thread")
+    context = rollout.context_ids[: rollout.env_mask.index(1, rollout.env_mask.index(0))]  # through the tool message
+    turn_one = rollout.prompt_ids
+    weight = next(p for n, p in inference.backend.model.named_parameters() if n.endswith("k_proj.weight"))
+    with inference.multi_turn(), prefilled_tokens(inference) as counts:
+        inference.generate([turn_one], max_new_tokens=80, do_sample=False)
+        with torch.no_grad():
+            weight.add_(1e-2)
+        after = inference.generate([context], max_new_tokens=8, do_sample=False, return_logprobs=True)
+    assert counts == [len(turn_one), len(context)]  # the second call ran its whole context again
+    expected = inference.generate([context], max_new_tokens=8, do_sample=False, return_logprobs=True)
+    assert after.token_ids == expected.token_ids
+    torch.testing.assert_close(after.logprobs[0], expected.logprobs[0], atol=TOLERANCE, rtol=0)
+
+
+def test_turn_cache_arguments_are_checked():
+    from trl_inference_ext.backends.turn_cache import TurnCache
+
+    with pytest.raises(ValueError, match="max_bytes"):
+        TurnCache(-1)
+    store = TurnCache(10**6)
+    with pytest.raises(ValueError, match="cover"):
+        store.store([1, 2], [torch.zeros(1, 3, 4)], [torch.zeros(1, 3, 4)])
+    assert store.store([1, 2], [torch.zeros(1, 2, 4)], [torch.zeros(1, 2, 4)]) and store.nbytes == 64
+    assert store.take([[1, 2, 3], [1, 2], [5, 1, 2, 3]], state_key=None)[1:] == [None, None]
+    assert len(store) == 0  # entries live for one call
 
 
 def test_sampled_multi_turn_log_probs_score_as_sampled(tool_inference):

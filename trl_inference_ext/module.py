@@ -151,6 +151,24 @@ class InferenceModule:
         """The backend's weights version; it changes whenever the weights do."""
         return self.backend.weights_version
 
+    @contextmanager
+    def multi_turn(self, max_bytes: int | None = None) -> Iterator[None]:
+        """Runs the block's `generate` calls as turns of the same rollouts: each call may start from the KV cache of
+        the previous call's rows its prompts extend, and run only the appended tokens.
+
+        On backends that keep such caches (Hugging Face: `keep_turn_caches`); elsewhere a no-op (vLLM reuses whole
+        cached blocks by itself). Results are those of a prefill from the start, up to float error.
+
+        Args:
+            max_bytes (`int`, *optional*): Most bytes of keys and values kept; the backend's default otherwise.
+        """
+        keep = getattr(self.backend, "keep_turn_caches", None)
+        if keep is None:
+            yield
+            return
+        with keep(max_bytes):
+            yield
+
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, prompts: Any, use_cache: bool = True, **kwargs: Any) -> GenerationResult:
         """Generates completions.

@@ -5,6 +5,8 @@ Compared with `model.generate` on repeated prompts (what GRPO does), this loop:
 - prefills each distinct prompt once and shares its KV cache across the `n` samples, bucketing prompts by length
   so that little padding is computed;
 - drops finished rows from the batch and the cache, so late steps only compute live sequences;
+- given a `TurnCache` (multi-turn rollouts), starts a prompt that extends a row of the previous call from that row's
+  kept keys and values, running only the appended tokens, and keeps the rows that stop for the next call;
 - reports the log-prob of each sampled token from the same logits it was sampled from (no second forward pass);
 - on CPU, attends with grouped key/value heads instead of copying the KV cache per query head, and multiplies
   few-row activations weight-major (`cpu_decoding`).
@@ -27,6 +29,7 @@ from ..types import SamplingConfig
 from .adapters import base_model
 from .base import SequenceOutput
 from .cpu_decoding import cpu_decoding, project_to_vocab
+from .turn_cache import TurnCache, TurnEntry
 
 BUCKET_RATIO = 0.8
 
@@ -113,41 +116,128 @@ def _uses_plain_dynamic_cache(model: Any) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
-def _prefill(model: Any, spec: DecodeSpec, prompt_ids: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+def _prefill(
+    model: Any, spec: DecodeSpec, prompt_ids: list[list[int]], reused: list[TurnEntry | None] | None = None
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """Runs the prompts, returns (KV cache, last-position logits, attention mask), all left-padded to one width.
 
     Prompts are prefilled per length bucket and the buckets' caches right-aligned into one cache, when the model's
-    cache is made of plain `DynamicLayer`s (no sliding window); otherwise in one padded batch.
+    cache is made of plain `DynamicLayer`s (no sliding window); otherwise in one padded batch. Prompts with an entry
+    in `reused` (keys and values of their first tokens, kept from the previous call) run only their tokens after it,
+    as one more group.
     """
-    buckets = length_buckets([len(p) for p in prompt_ids])
-    if len(buckets) == 1 or not _uses_plain_dynamic_cache(model):
+    if reused is None or all(entry is None for entry in reused):
+        reused = None
+        if len(length_buckets([len(p) for p in prompt_ids])) == 1:
+            return _prefill_padded(model, spec, prompt_ids)
+    if not _uses_plain_dynamic_cache(model):
         return _prefill_padded(model, spec, prompt_ids)
+    fresh = [i for i in range(len(prompt_ids)) if reused is None or reused[i] is None]
+    groups = [[fresh[i] for i in b] for b in length_buckets([len(prompt_ids[i]) for i in fresh])]
     parts = []
-    for bucket in buckets:
-        cache, logits, _ = _prefill_padded(model, spec, [prompt_ids[i] for i in bucket])
+    for bucket in groups:
+        cache, logits, mask = _prefill_padded(model, spec, [prompt_ids[i] for i in bucket])
         if not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
             return _prefill_padded(model, spec, prompt_ids)
-        parts.append((bucket, cache, logits))
-    _, mask = _left_pad(prompt_ids, spec.pad_token_id, spec.device)
-    width = mask.shape[1]
+        parts.append((bucket, cache, logits, mask))
+    if len(fresh) < len(prompt_ids):
+        assert reused is not None
+        rows = sorted(set(range(len(prompt_ids))) - set(fresh))
+        entries = [entry for entry in (reused[i] for i in rows) if entry is not None]
+        cache, logits, mask = _prefill_reused(
+            model, spec, entries, [prompt_ids[i][e.length :] for i, e in zip(rows, entries)]
+        )
+        parts.append((rows, cache, logits, mask))
+    return _merge(parts, len(prompt_ids))
+
+
+def _prefill_reused(
+    model: Any, spec: DecodeSpec, entries: list[TurnEntry], new_ids: list[list[int]]
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Runs only `new_ids` after each row's stored keys and values (right-aligned, left-padded to one width).
+
+    The attention mask covers the padding before each stored part and before each new part; positions are its
+    cumulative sum, as in a prefill from the start, so each token gets the position it would have had there.
+    """
+    past = max(entry.length for entry in entries)
+    layers = []
+    for layer_index in range(len(entries[0].keys)):
+        merged = []
+        for states in ([e.keys[layer_index] for e in entries], [e.values[layer_index] for e in entries]):
+            full = states[0].new_zeros((len(entries), states[0].shape[0], past, states[0].shape[2]))
+            for row, part in enumerate(states):
+                full[row, :, past - part.shape[1] :] = part
+            merged.append(full)
+        layers.append((merged[0], merged[1]))
+    input_ids, new_mask = _left_pad(new_ids, spec.pad_token_id, spec.device)
+    past_mask = torch.zeros((len(entries), past), dtype=torch.long)
+    for row, entry in enumerate(entries):
+        past_mask[row, past - entry.length :] = 1
+    mask = torch.cat([past_mask.to(spec.device), new_mask], dim=-1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    extra = {"logits_to_keep": 1} if spec.hidden_path is None and _accepts_logits_to_keep(model) else {}
+    cache, logits = _forward(
+        model,
+        spec,
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=DynamicCache(ddp_cache_data=layers),
+        use_cache=True,
+        **extra,
+    )
+    return cache, logits, mask
+
+
+def _merge(
+    parts: list[tuple[list[int], Any, torch.Tensor, torch.Tensor]], rows: int
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Right-aligns the caches and masks of groups of rows (`(rows, cache, logits, mask)`) into one batch."""
+    width = max(mask.shape[1] for _, _, _, mask in parts)
     layers = []
     for layer_index in range(len(parts[0][1].layers)):
         merged = []
         for name in ("keys", "values"):
             first = getattr(parts[0][1].layers[layer_index], name)
-            full = first.new_zeros((len(prompt_ids), first.shape[1], width, first.shape[3]))
-            for bucket, cache, _ in parts:
+            full = first.new_zeros((rows, first.shape[1], width, first.shape[3]))
+            for indices, cache, _, _ in parts:
                 states = getattr(cache.layers[layer_index], name)
-                full[torch.tensor(bucket, device=full.device), :, width - states.shape[2] :] = states
+                full[torch.tensor(indices, device=full.device), :, width - states.shape[2] :] = states
             merged.append(full)
         layers.append((merged[0], merged[1]))
-    logits = parts[0][2].new_empty((len(prompt_ids), parts[0][2].shape[-1]))
-    for bucket, _, part_logits in parts:
-        logits[torch.tensor(bucket, device=logits.device)] = part_logits
+    first_logits, first_mask = parts[0][2], parts[0][3]
+    logits = first_logits.new_empty((rows, first_logits.shape[-1]))
+    mask = first_mask.new_zeros((rows, width))
+    for indices, _, part_logits, part_mask in parts:
+        index = torch.tensor(indices, device=logits.device)
+        logits[index] = part_logits
+        mask[index.to(mask.device), width - part_mask.shape[1] :] = part_mask
     return DynamicCache(ddp_cache_data=layers), logits, mask
 
 
-def sample(model: Any, prompt_ids: list[list[int]], sampling: SamplingConfig, spec: DecodeSpec) -> list[SequenceOutput]:
+def _keep_turn(turn_cache: TurnCache, token_ids: list[int], cache: Any, mask: torch.Tensor, row: int) -> None:
+    """Copies one batch row's keys and values at its unpadded positions into `turn_cache`, when they fit."""
+    valid = mask[row].bool()
+    length = int(valid.sum())
+    layers = getattr(cache, "layers", None)
+    if length != len(token_ids) or not layers or not all(type(layer) is DynamicLayer for layer in layers):
+        return
+    nbytes = sum(2 * layer.keys[row, :, :1].numel() * length * layer.keys.element_size() for layer in layers)
+    if not turn_cache.fits(nbytes):
+        return
+    turn_cache.store(
+        token_ids, [layer.keys[row][:, valid] for layer in layers], [layer.values[row][:, valid] for layer in layers]
+    )
+
+
+def sample(
+    model: Any,
+    prompt_ids: list[list[int]],
+    sampling: SamplingConfig,
+    spec: DecodeSpec,
+    turn_cache: TurnCache | None = None,
+    state_key: Any = None,
+) -> list[SequenceOutput]:
     """Generates `sampling.num_return_sequences` completions per prompt.
 
     Args:
@@ -155,13 +245,16 @@ def sample(model: Any, prompt_ids: list[list[int]], sampling: SamplingConfig, sp
         prompt_ids (`list[list[int]]`): Non-empty prompts as token ids.
         sampling (`SamplingConfig`): Validated sampling settings.
         spec (`DecodeSpec`): EOS ids, pad id, device, context length, stop-string checker.
+        turn_cache (`TurnCache`, *optional*): Per-row KV caches kept from the previous call: prompts that extend one
+            run only their new tokens, and the rows that stop are stored for the next call.
+        state_key (`Any`, *optional*): The weights and adapter state, with which `turn_cache` entries must agree.
 
     Returns:
         `list[SequenceOutput]`: Prompt-major completions (`n` consecutive entries per prompt).
     """
     decoder = spec.hidden_path[0] if spec.hidden_path is not None else model
     with torch.no_grad(), cpu_decoding(model, linear_scope=decoder):
-        return _sample(model, prompt_ids, sampling, spec)
+        return _sample(model, prompt_ids, sampling, spec, turn_cache, state_key)
 
 
 def _forward(model: Any, spec: DecodeSpec, **inputs: Any) -> tuple[Any, torch.Tensor]:
@@ -176,7 +269,12 @@ def _forward(model: Any, spec: DecodeSpec, **inputs: Any) -> tuple[Any, torch.Te
 
 
 def _sample(
-    model: Any, prompt_ids: list[list[int]], sampling: SamplingConfig, spec: DecodeSpec
+    model: Any,
+    prompt_ids: list[list[int]],
+    sampling: SamplingConfig,
+    spec: DecodeSpec,
+    turn_cache: TurnCache | None,
+    state_key: Any,
 ) -> list[SequenceOutput]:
     n = sampling.num_return_sequences
     rows_total = len(prompt_ids) * n
@@ -195,7 +293,9 @@ def _sample(
     if sampling.seed is not None and not sampling.greedy:
         generator = torch.Generator(device=spec.device).manual_seed(sampling.seed)
 
-    cache, logits, mask = _prefill(model, spec, prompt_ids)
+    reused = turn_cache.take(prompt_ids, state_key) if turn_cache is not None else None
+    cache, logits, mask = _prefill(model, spec, prompt_ids, reused)
+    del reused
     next_pos = mask.sum(-1)
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -228,6 +328,8 @@ def _sample(
                 logits_out[row].append(step_logits[j])
             if token in spec.eos_token_ids or (spec.stop_checker is not None and spec.stop_checker(tokens[row])):
                 finish[row] = "stop"
+                if turn_cache is not None:  # its last token was never run: the cache covers all before it
+                    _keep_turn(turn_cache, prompt_ids[row // n] + tokens[row][:-1], cache, mask, j)
             elif len(tokens[row]) < budgets[row]:
                 keep_local.append(j)
         if not keep_local:

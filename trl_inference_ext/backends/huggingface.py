@@ -15,8 +15,9 @@ from ..types import SamplingConfig
 from . import adapters
 from .base import ScoringConfig, SequenceOutput
 from .hf_decoding import DecodeSpec, sample
-from .lora_fold import FOLD_MEMORY_FRACTION, LoraFold, check_fold_mode
+from .lora_fold import FOLD_MEMORY_FRACTION, LoraFold, check_fold_mode, free_memory
 from .options import check_options
+from .turn_cache import TURN_CACHE_MEMORY_FRACTION, TurnCache
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class HuggingFaceBackend:
         self._version = 0
         self._fingerprint = self._weights_fingerprint()
         self.lora_fold = LoraFold(self.model, fold_lora, memory_fraction=FOLD_MEMORY_FRACTION)
+        self.turn_cache: TurnCache | None = None
 
     @property
     def fold_lora(self) -> bool | str:
@@ -277,9 +279,43 @@ class HuggingFaceBackend:
         self.model.eval()
         try:
             with self.lora_fold.applied(self.weights_version):
-                return sample(self.model, prompt_ids, sampling, spec)
+                turns = self.turn_cache
+                return sample(
+                    self.model, prompt_ids, sampling, spec, turns, self.state_key if turns is not None else None
+                )
         finally:
             self.model.train(was_training)
+
+    @contextmanager
+    def keep_turn_caches(self, max_bytes: int | None = None) -> Iterator[TurnCache]:
+        """Keeps each stopped row's KV cache from one `generate` call to the next, for multi-turn rollouts.
+
+        Inside the block, a prompt that extends a row of the previous call (its prompt and sampled tokens) runs only
+        the tokens after them: a tool turn prefills its end-of-turn token and tool message, not the whole context.
+        Results are those of a prefill from the start up to float error. Entries live for one call, are dropped when
+        the weights or active adapters change, and all are freed when the block exits. Nested blocks share the outer
+        store.
+
+        Args:
+            max_bytes (`int`, *optional*): Most bytes of keys and values kept (per kept token: `2 x layers x
+                kv_heads x head_dim x dtype bytes`). Defaults to `TURN_CACHE_MEMORY_FRACTION` of the device's free
+                memory now (none kept where that is unknown). Rows that do not fit are re-prefilled.
+
+        Yields:
+            `TurnCache`: The store, for inspection.
+        """
+        if self.turn_cache is not None:
+            yield self.turn_cache
+            return
+        if max_bytes is None:
+            free = free_memory(self.device)
+            max_bytes = int(free * TURN_CACHE_MEMORY_FRACTION) if free is not None else 0
+        self.turn_cache = TurnCache(max_bytes)
+        try:
+            yield self.turn_cache
+        finally:
+            self.turn_cache.clear()
+            self.turn_cache = None
 
     def _stop_checker(self, stops: tuple[str, ...]) -> Any:
         if not stops:

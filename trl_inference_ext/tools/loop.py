@@ -11,6 +11,7 @@ parse the calls, execute the calls of all rollouts together (one deadline), then
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -186,6 +187,7 @@ def run_tool_loop(
     tool_memory_limit: int | None = None,
     max_tool_output_chars: int = MAX_OUTPUT_CHARS,
     tool_executor: ToolExecutor | None = None,
+    reuse_kv: bool = True,
     **sampling: Any,
 ) -> list[ToolRollout]:
     """Runs multi-turn tool use for a batch of prompts (one rollout per prompt).
@@ -209,6 +211,10 @@ def run_tool_loop(
         tool_executor (`ToolExecutor`, *optional*): Run the calls on this executor, with its own functions, timeout
             and isolation, and leave it open (its worker processes then serve later batches too). By default one is
             built from the arguments above and closed at the end.
+        reuse_kv (`bool`, *optional*, defaults to `True`): Keep each rollout's KV cache from one turn to the next, so
+            a turn runs only the tokens appended since the model's last one (`InferenceModule.multi_turn`; a no-op on
+            backends that do not keep such caches). `False` re-runs each rollout's whole context every turn; both
+            give the same rollouts up to float error.
         **sampling: Sampling arguments for `generate` (temperature, top_p, top_k, seed, ...).
 
     Returns:
@@ -243,24 +249,25 @@ def run_tool_loop(
             max_output_chars=max_tool_output_chars,
         )
     try:
-        for turn in range(max_tool_turns + 1):
-            active = [i for i, rollout in enumerate(rollouts) if not rollout.finished]
-            if not active:
-                break
-            # First turn: identical consecutive prompts (GRPO's repeats) share one prefill and KV cache.
-            sampled = _sample_turn(inference, [rollouts[i] for i in active], turn == 0, sampling)
-            model_turns = [
-                _ModelTurn(ids, truncated, parser.parse(inference.decode(ids))) for ids, truncated in sampled
-            ]
-            _execute_together(executor, model_turns)
-            for i, model_turn in zip(active, model_turns):
-                rollout = rollouts[i]
-                rollout.add_tool_calls(model_turn.calls, model_turn.results)
-                reason = _exit_reason(model_turn, stop_tools, last_turn=turn == max_tool_turns)
-                if reason is not None:
-                    rollout.finish(reason)
-                else:
-                    rollout.add_environment_turn(_tool_message_ids(tokenizer, model_turn, chat[i]))
+        with inference.multi_turn() if reuse_kv else contextlib.nullcontext():
+            for turn in range(max_tool_turns + 1):
+                active = [i for i, rollout in enumerate(rollouts) if not rollout.finished]
+                if not active:
+                    break
+                # First turn: identical consecutive prompts (GRPO's repeats) share one prefill and KV cache.
+                sampled = _sample_turn(inference, [rollouts[i] for i in active], turn == 0, sampling)
+                model_turns = [
+                    _ModelTurn(ids, truncated, parser.parse(inference.decode(ids))) for ids, truncated in sampled
+                ]
+                _execute_together(executor, model_turns)
+                for i, model_turn in zip(active, model_turns):
+                    rollout = rollouts[i]
+                    rollout.add_tool_calls(model_turn.calls, model_turn.results)
+                    reason = _exit_reason(model_turn, stop_tools, last_turn=turn == max_tool_turns)
+                    if reason is not None:
+                        rollout.finish(reason)
+                    else:
+                        rollout.add_environment_turn(_tool_message_ids(tokenizer, model_turn, chat[i]))
     finally:
         if tool_executor is None:
             executor.close()

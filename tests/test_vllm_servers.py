@@ -600,7 +600,7 @@ def test_failover_of_a_killed_server_and_its_readmission(servers, original, base
     backend = servers.backend(max_retries=1)
     pool = backend.servers
     assert pool is not None
-    pool.max_concurrent_requests = 3  # groups queue up, so B dies with requests in flight and more to come
+    pool.max_concurrent_requests = 4  # two groups of 2 at a time: B dies with requests in flight and more to come
     policy = perturbed_policy(servers.model_dir, seed=5)
     tok = backend.tokenizer
     words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "city", "weather"]
@@ -785,6 +785,8 @@ class _CompletionsServer:
         owner = self
         self.prompts: list[tuple[int, ...]] = []
         self.fail_after = fail_after
+        self.version = "default"
+        self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
@@ -799,15 +801,18 @@ class _CompletionsServer:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
-                self._send({"data": [{"id": "m", "max_model_len": 64}], "weight_version": "default"})
+                self._send({"data": [{"id": "m", "max_model_len": 64}], "weight_version": owner.version})
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if owner.fail_after is not None and len(owner.prompts) >= owner.fail_after:
+                with owner.lock:
+                    dead = owner.fail_after is not None and len(owner.prompts) >= owner.fail_after
+                    if not dead:
+                        owner.prompts.append(tuple(body["prompt"]))
+                if dead:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                owner.prompts.append(tuple(body["prompt"]))
                 time.sleep(0.01)
                 ids = list(reversed(body["prompt"]))
                 choices = [{"index": i, "token_ids": ids, "finish_reason": "length"} for i in range(body["n"])]
@@ -838,6 +843,10 @@ def test_pool_keeps_groups_together_and_fails_over_in_order(tiny_model_dir):
         assert sorted(set(answered)) == sorted(tuple(p) for p in prompts)  # every prompt was answered ...
         assert all(answered.count(tuple(p)) >= 2 for p in prompts)
         assert len(dying.prompts) == 3  # it answered some requests before it "died"
+        # Another process pushed new weights to the servers: this client takes their version as the current one.
+        healthy.version = "trl-other-3"
+        backend.mark_weights_updated()
+        assert backend.servers.weight_version == "trl-other-3"
         with pytest.raises(NoServerLeftError, match=dying.url):
             VLLMBackend(
                 tiny_model_dir, base_url=[dying.url, f"http://127.0.0.1:{_free_port()}"], max_retries=0

@@ -498,11 +498,17 @@ class VLLMBackend:
         return self.transport.max_model_len()
 
     def mark_weights_updated(self) -> None:
-        """Declares that the served weights changed elsewhere (e.g. a server updated by the trainer).
+        """Declares that the served weights changed elsewhere (e.g. servers updated by another training process).
 
         Bumps `weights_version` and, in-process, drops the prefix cache, whose KV entries were computed with the old
-        weights.
+        weights. With servers, the weight version they now report becomes the one a dropped server must hold to
+        rejoin (see `ServerPool.adopt_weight_version`).
         """
+        self._bump_version()
+        if self.servers is not None:
+            self.servers.adopt_weight_version()
+
+    def _bump_version(self) -> None:
         self._version += 1
         if isinstance(self.transport, EngineTransport):
             self.transport.reset_prefix_cache()
@@ -712,7 +718,7 @@ class VLLMBackend:
         try:
             self.last_push = push(f"trl-{self._session}-{self._version + 1}")
         finally:
-            self.mark_weights_updated()
+            self._bump_version()
 
     def __repr__(self) -> str:
         where = f"base_url={self.base_url!r}" if self.server_mode else "in_process=True"

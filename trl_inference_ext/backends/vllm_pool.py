@@ -4,8 +4,8 @@ vLLM is the distributed engine; this module adds only what a client of several s
 
 - **Spreading.** Requests of one group (the `n` samples of a prompt, the scoring prefixes of one sequence) go to one
   server, so its prefix cache serves the whole group. Each group goes to the server with the least outstanding work
-  (prompt plus budgeted completion tokens of its requests in flight), at most `max_concurrent_requests` at a time
-  per server, so a faster server takes more groups.
+  (prompt plus budgeted completion tokens of its requests in flight), with at most `max_concurrent_requests`
+  requests in flight per server, so a faster server takes more groups.
 - **Failover.** A server that cannot be reached (killed, restarted, network down, timed out) is dropped and the
   groups it had not finished are sent to the others; each request's answer is kept exactly once, in input order.
 - **Re-admission.** A dropped server comes back only when `/health` answers *and* it holds the current weights: it
@@ -139,6 +139,25 @@ class ServerPool(CompletionRequests):
                 logger.info("vLLM server %s is back in service.", client.base_url)
         return back
 
+    def adopt_weight_version(self) -> str:
+        """Takes the weight version the servers in service report as the current one (when they all agree).
+
+        For a client whose servers were updated by someone else, e.g. the main process of a multi-process trainer:
+        without it, a server that drops out would never rejoin, since it could never match this client's version.
+
+        Returns:
+            `str`: The version now current.
+        """
+        try:
+            versions = {client.weight_version() for client in self.live}
+        except Exception:  # an unreachable server is dropped at the next request; keep what we know
+            return self.weight_version
+        if len(versions) == 1:
+            (version,) = versions
+            if version is not None:
+                self.weight_version = version
+        return self.weight_version
+
     def max_model_len(self) -> int | None:
         """The served model's `max_model_len` (asked of the first server in service)."""
         return self._first_live().max_model_len()
@@ -199,32 +218,34 @@ class ServerPool(CompletionRequests):
         pending = deque(members.values())  # groups in input order
         answers: list[dict[str, Any] | None] = [None] * len(payloads)
         outstanding = {c.base_url: 0 for c in self.clients}
-        in_flight: dict[Future[list[dict[str, Any]]], tuple[VLLMServerClient, list[int], int]] = {}
+        in_flight: dict[Future[list[dict[str, Any]]], tuple[VLLMServerClient, list[int], int, int]] = {}
         per_server = {c.base_url: 0 for c in self.clients}
-        threads = sum(c.max_concurrent_requests for c in self.clients)
+        threads = sum(c.max_concurrent_requests for c in self.clients)  # groups in flight are at most this many
         last_error: BaseException | None = None
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(pending)))) as pool:
             while pending or in_flight:
                 while pending:
-                    open_ = [c for c in self.live if per_server[c.base_url] < c.max_concurrent_requests]
+                    group = pending[0]
+                    open_ = [c for c in self.live if _fits(c, len(group), per_server[c.base_url])]
                     if not open_:
                         break
                     client = min(open_, key=lambda c: (outstanding[c.base_url], per_server[c.base_url]))
-                    group = pending.popleft()
+                    pending.popleft()
                     work = sum(_work(payloads[i]) for i in group)
+                    slots = min(len(group), client.max_concurrent_requests)
                     outstanding[client.base_url] += work
-                    per_server[client.base_url] += 1
+                    per_server[client.base_url] += slots
                     future = pool.submit(_send_group, client, [payloads[i] for i in group])
-                    in_flight[future] = (client, group, work)
+                    in_flight[future] = (client, group, work, slots)
                 if not in_flight:
                     if len(self.clients) == 1 and last_error is not None:
                         raise last_error  # one server: its own error says it best (it rejoins once healthy)
                     raise self._no_server_left() from last_error
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
-                    client, group, work = in_flight.pop(future)
+                    client, group, work, slots = in_flight.pop(future)
                     outstanding[client.base_url] -= work
-                    per_server[client.base_url] -= 1
+                    per_server[client.base_url] -= slots
                     exc = future.exception()
                     if exc is None:
                         for index, answer in zip(group, future.result()):
@@ -347,6 +368,15 @@ class ServerPool(CompletionRequests):
 def _send_group(client: VLLMServerClient, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The answers to one group's bodies from one server (the requests of a group run concurrently there)."""
     return client.complete(payloads)
+
+
+def _fits(client: VLLMServerClient, size: int, busy: int) -> bool:
+    """Whether a group of `size` requests can start on `client`, which has `busy` request slots taken.
+
+    A group holds as many slots as it sends at once (`min(size, max_concurrent_requests)`); a larger group than the
+    server's slots starts only on an idle server, and is sent `max_concurrent_requests` requests at a time.
+    """
+    return busy == 0 or busy + min(size, client.max_concurrent_requests) <= client.max_concurrent_requests
 
 
 def _work(payload: dict[str, Any]) -> int:

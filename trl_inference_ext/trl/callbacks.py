@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from ..backends.capabilities import SupportsWeightPush
@@ -37,6 +38,10 @@ class InferenceSyncCallback(TrainerCallback):
             return
         backend = self.inference.backend
         if model is not None and isinstance(backend, SupportsWeightPush):
-            backend.load_weights_from_model(model)
+            # Servers are shared by every training process: the first one pushes, the others wait for it.
+            if not backend.server_mode or state.is_world_process_zero:
+                backend.load_weights_from_model(model)
+            if backend.server_mode and torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()
         self.inference.mark_weights_updated()
         self.syncs += 1

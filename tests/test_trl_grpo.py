@@ -235,3 +235,13 @@ def test_sync_callback_invalidates(inference):
     assert inference.weights_version == version + 1 and callback.syncs == 1
     with pytest.raises(ValueError, match="every_n_steps"):
         InferenceSyncCallback(inference, every_n_steps=0)
+
+
+def test_rollout_func_decoding_options_are_checked_and_kept():
+    rollout = rollout_func(tools=[add], tool_isolation="thread", reuse_kv=False, fold_lora=False)
+    assert rollout.reuse_kv is False and rollout.fold_lora is False
+    assert rollout_func().reuse_kv is True and rollout_func().fold_lora == "auto"
+    with pytest.raises(TypeError, match="reuse_kv"):
+        rollout_func(reuse_kv="yes")
+    with pytest.raises(ValueError, match="fold_lora"):
+        rollout_func(fold_lora="sometimes")

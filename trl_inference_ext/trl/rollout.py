@@ -29,6 +29,9 @@ class RolloutFunction:
         stop_tools: Sequence[str],
         tool_executor: ToolExecutor | None,
         sampling: dict[str, Any],
+        *,
+        reuse_kv: bool = True,
+        fold_lora: bool | str = "auto",
     ) -> None:
         self.inference = inference
         self.tools = list(tools or [])
@@ -37,6 +40,8 @@ class RolloutFunction:
         self.stop_tools = tuple(stop_tools)
         self.tool_executor = tool_executor
         self.sampling = sampling
+        self.reuse_kv = reuse_kv
+        self.fold_lora = fold_lora
         self._synced_step: int | None = None
 
     def close(self) -> None:
@@ -87,7 +92,7 @@ class RolloutFunction:
             return self._rollouts(self.inference, prompts, sampling)
         with self._trainer_model(trainer) as model:
             inference = InferenceModule.from_model(
-                model, trainer.processing_class, cache_size=0, tool_parser=self.tool_parser
+                model, trainer.processing_class, cache_size=0, tool_parser=self.tool_parser, fold_lora=self.fold_lora
             )
             return self._rollouts(inference, prompts, sampling)
 
@@ -102,6 +107,7 @@ class RolloutFunction:
                 max_tool_turns=self.max_tool_turns,
                 stop_tools=self.stop_tools,
                 tool_executor=self.tool_executor,
+                reuse_kv=self.reuse_kv,
                 **sampling,
             )
             return _as_trl_output(rollouts)
@@ -140,6 +146,8 @@ def rollout_func(
     tool_isolation: str = "process",
     tool_memory_limit: int | None = None,
     max_tool_output_chars: int = MAX_OUTPUT_CHARS,
+    reuse_kv: bool = True,
+    fold_lora: bool | str = "auto",
     **sampling: Any,
 ) -> Callable[[list[Any], Any], dict[str, Any]]:
     """Builds a `rollout_func` for `trl.GRPOTrainer`.
@@ -167,6 +175,11 @@ def rollout_func(
         tool_memory_limit (`int`, *optional*): Bytes of memory one tool call may add to its worker process.
         max_tool_output_chars (`int`, *optional*, defaults to `MAX_OUTPUT_CHARS`): Longest tool output shown to the
             model.
+        reuse_kv (`bool`, *optional*, defaults to `True`): Keep each rollout's KV cache across tool turns (Hugging
+            Face backend), so a turn prefills only the appended tool-result tokens; see `run_tool_loop`.
+        fold_lora (`bool` or `str`, *optional*, defaults to `"auto"`): With `inference=None`, decode a LoRA policy
+            from a folded copy of the adapted weights (`"auto"`: when it fits in memory; see
+            `backends.lora_fold`). The trainer's own weights are never modified.
         **sampling: Overrides for the sampling settings read from `trainer.args` (`temperature`, `top_p`, `top_k`,
             `max_new_tokens`, `seed`, `stop`).
 
@@ -184,6 +197,10 @@ def rollout_func(
 
     if tool_parser not in PARSER_NAMES:
         raise ValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {tool_parser!r}.")
+    if not isinstance(reuse_kv, bool):
+        raise TypeError(f"`reuse_kv` must be a bool, got {type(reuse_kv).__name__}.")
+    if fold_lora not in (True, False, "auto"):
+        raise ValueError(f"`fold_lora` must be True, False or 'auto', got {fold_lora!r}.")
     if tool_isolation not in ISOLATIONS:
         raise ValueError(f"`tool_isolation` must be one of {list(ISOLATIONS)}, got {tool_isolation!r}.")
     executor = None
@@ -198,4 +215,14 @@ def rollout_func(
             memory_limit=tool_memory_limit,
             max_output_chars=max_tool_output_chars,
         )  # starts no process yet; workers start at the first call and then serve every step
-    return RolloutFunction(inference, tools, tool_parser, max_tool_turns, stop_tools, executor, sampling)
+    return RolloutFunction(
+        inference,
+        tools,
+        tool_parser,
+        max_tool_turns,
+        stop_tools,
+        executor,
+        sampling,
+        reuse_kv=reuse_kv,
+        fold_lora=fold_lora,
+    )

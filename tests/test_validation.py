@@ -106,9 +106,9 @@ def test_sampling_config_defaults_match_original_api():
     assert not config.return_logits and not config.return_logprobs
 
 
-
 def test_prompt_near_the_context_limit_says_how_many_tokens_it_can_generate(tiny_model_dir, caplog):
-    inference = InferenceModule(tiny_model_dir, device="cpu", dtype="float32")  # its own: the warning is once per module
+    # A module of its own: the warning comes once per module.
+    inference = InferenceModule(tiny_model_dir, device="cpu", dtype="float32")
     limit = inference.backend.max_context_length
     prompt = [5] * (limit - 3)
     with caplog.at_level("WARNING", logger="trl_inference_ext"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -148,22 +149,17 @@ def measure_throughput(
     return {"servers": len(urls), "tokens_per_s": statistics.median(rates)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4-layer Qwen2 shape, 2 repeats, short workload")
-    parser.add_argument("--models", default="smollm2,qwen2-0.5b", help="comma-separated: smollm2, qwen2-0.5b")
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers of the Qwen2 shape (default 24)")
-    parser.add_argument("--repeats", type=int, default=None, help="pushes per row (default 3, 2 with --quick)")
-    parser.add_argument("--lora-rank", type=int, default=16, help="rank of the pushed adapter")
-    parser.add_argument("--no-throughput", action="store_true", help="skip the one- vs two-server rollout rows")
-    parser.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
-    args = parser.parse_args()
-    layers = args.layers or (4 if args.quick else 24)
-    repeats = args.repeats or (2 if args.quick else 3)
-    prompts, generations, tokens = (8, 4, 32) if args.quick else (16, 8, 128)
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    work = Path(tempfile.mkdtemp(prefix="weight_sync_bench_"))
-    cores = _core_sets(2)
+def run(
+    names: list[str],
+    layers: int,
+    repeats: int,
+    args: argparse.Namespace,
+    workload: tuple[int, int, int],
+    work: Path,
+    cores: list[str],
+) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]]]:
+    """Push and throughput rows for each model (one server per model, a second one for the throughput rows)."""
+    prompts, generations, tokens = workload
     sync_rows: list[tuple[str, dict[str, Any]]] = []
     throughput: list[tuple[str, dict[str, Any]]] = []
     for name in names:
@@ -185,6 +181,30 @@ def main() -> None:
             first.stop()
             if second is not None:
                 second.stop()
+    return sync_rows, throughput
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4-layer Qwen2 shape, 2 repeats, short workload")
+    parser.add_argument("--models", default="smollm2,qwen2-0.5b", help="comma-separated: smollm2, qwen2-0.5b")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers of the Qwen2 shape (default 24)")
+    parser.add_argument("--repeats", type=int, default=None, help="pushes per row (default 3, 2 with --quick)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="rank of the pushed adapter")
+    parser.add_argument("--no-throughput", action="store_true", help="skip the one- vs two-server rollout rows")
+    parser.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
+    args = parser.parse_args()
+    layers = args.layers or (4 if args.quick else 24)
+    repeats = args.repeats or (2 if args.quick else 3)
+    prompts, generations, tokens = (8, 4, 32) if args.quick else (16, 8, 128)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    work = Path(tempfile.mkdtemp(prefix="weight_sync_bench_"))
+    os.environ["TRL_INFERENCE_ADAPTER_DIR"] = str(work / "received")  # where the servers write pushed adapters
+    cores = _core_sets(2)
+    try:
+        sync_rows, throughput = run(names, layers, repeats, args, (prompts, generations, tokens), work, cores)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the random model and the servers' logs
 
     lines = [
         "| model | transport | pushed | seconds per sync | of which paused | MiB sent per server |",

@@ -170,6 +170,8 @@ def server_pair(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -
     from trl_inference_ext.serve import ServeConfig, ServerProcess
 
     log_dir = tmp_path_factory.mktemp("servers_logs")
+    environment = pytest.MonkeyPatch()  # the servers write received adapters here, not into the shared temp dir
+    environment.setenv("TRL_INFERENCE_ADAPTER_DIR", str(tmp_path_factory.mktemp("received_adapters")))
     a_port, b_port = _free_port(), _free_port()
     launcher = Launcher(tiny_model_dir, a_port, log_dir / "a.log")
     b_config = ServeConfig(
@@ -189,6 +191,7 @@ def server_pair(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -
     finally:
         state.launcher.stop()
         state.b.stop()
+        environment.undo()
 
 
 @pytest.fixture
@@ -761,7 +764,7 @@ def test_launcher_command_keeps_the_key_out_of_the_command_line():
 
 def test_weight_chunks_are_checked_on_arrival():
     from trl_inference_ext.backends.vllm_push import _chunks
-    from trl_inference_ext.backends.vllm_worker import decode_chunk, encode_chunk
+    from trl_inference_ext.backends.vllm_worker import assemble, decode_chunk, encode_chunk
 
     tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
     data, digest = encode_chunk(tensors)
@@ -771,7 +774,16 @@ def test_weight_chunks_are_checked_on_arrival():
         decode_chunk(data, "0" * 64)
     weights = [(f"w{i}", torch.zeros(256)) for i in range(5)]  # 1 KiB each
     assert [list(c) for c in _chunks(weights, 2048)] == [["w0", "w1"], ["w2", "w3"], ["w4"]]
-    assert [list(c) for c in _chunks([("big", torch.zeros(4096))], 1024)] == [["big"]]
+    big = torch.arange(4096.0).reshape(16, 256)  # 16 KiB: sent in pieces of 4 rows, joined again on arrival
+    chunks = list(_chunks([("small", torch.zeros(2)), ("big", big)], 4096))
+    assert [len(c) for c in chunks] == [1, 1, 1, 1, 1] and sum(len(c) for c in chunks) == 5
+    staged = {k: v for c in chunks for k, v in c.items()}
+    joined = assemble(staged, "2")
+    assert torch.equal(joined["big"], big) and set(joined) == {"small", "big"}
+    with pytest.raises(RuntimeError, match="pieces"):
+        assemble({k: v for k, v in staged.items() if not k.endswith("2/4")}, "2")
+    with pytest.raises(RuntimeError, match="Only 1 of 2"):
+        assemble({"small": torch.zeros(2)}, "2")
 
 
 class _CompletionsServer:

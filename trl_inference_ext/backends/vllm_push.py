@@ -35,7 +35,7 @@ import torch
 from .vllm_lora import ADAPTER_NAME, AdapterExport
 from .vllm_server import VLLMServerClient, VLLMServerError
 from .vllm_weights import NamedTensors
-from .vllm_worker import WORKER_EXTENSION, encode_chunk
+from .vllm_worker import WORKER_EXTENSION, encode_chunk, split_name
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 """Tensor bytes per HTTP chunk: large enough to amortise a request, small enough to bound both sides' memory."""
@@ -405,18 +405,32 @@ def _send_chunk(client: VLLMServerClient, *, session: str, data: str, digest: st
 
 
 def _chunks(weights: NamedTensors, chunk_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Groups tensors, in order, into dicts of about `chunk_bytes` (a larger tensor makes a chunk of its own)."""
+    """Groups tensors, in order, into dicts of at most about `chunk_bytes`.
+
+    A tensor larger than a chunk (e.g. an embedding matrix) is sent in pieces along its first dimension, which the
+    worker joins again (`vllm_worker.assemble`); a piece is never smaller than one row.
+    """
     chunk: dict[str, torch.Tensor] = {}
     size = 0
-    for name, tensor in weights:
-        nbytes = tensor.numel() * tensor.element_size()
-        if chunk and size + nbytes > chunk_bytes:
-            yield chunk
-            chunk, size = {}, 0
-        chunk[name] = tensor
-        size += nbytes
+    for name, whole in weights:
+        for key, tensor in _pieces(name, whole, chunk_bytes):
+            nbytes = tensor.numel() * tensor.element_size()
+            if chunk and size + nbytes > chunk_bytes:
+                yield chunk
+                chunk, size = {}, 0
+            chunk[key] = tensor
+            size += nbytes
     if chunk:
         yield chunk
+
+
+def _pieces(name: str, tensor: torch.Tensor, chunk_bytes: int) -> list[tuple[str, torch.Tensor]]:
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes <= chunk_bytes or tensor.dim() == 0 or tensor.shape[0] < 2:
+        return [(name, tensor)]
+    rows = max(1, chunk_bytes // max(1, nbytes // tensor.shape[0]))
+    parts = tensor.split(rows, dim=0)
+    return [(split_name(name, k, len(parts)), part) for k, part in enumerate(parts)]
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

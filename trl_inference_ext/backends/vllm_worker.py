@@ -33,6 +33,8 @@ WORKER_EXTENSION = "trl_inference_ext.backends.vllm_worker.WeightSyncExtension"
 ADAPTER_ROOT_ENV = "TRL_INFERENCE_ADAPTER_DIR"
 """Environment variable naming the folder where received adapters are written (default: a folder in the temp dir)."""
 
+PART_MARK = "::trl-part:"
+"""Joins a tensor's name and its piece number when a tensor larger than a chunk is sent in pieces."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -120,8 +122,7 @@ class WeightSyncExtension:
         Raises:
             RuntimeError: If the session is unknown or incomplete; the live weights are untouched then.
         """
-        staged = self._trl_staging(session)
-        self._trl_check_count(staged, count)
+        staged = assemble(self._trl_staging(session), count)
         started = time.perf_counter()
         self._trl_session, self._trl_staged = None, None
         self.reload_weights(weights_iterator=iter(staged.items()))  # type: ignore[attr-defined]
@@ -145,8 +146,7 @@ class WeightSyncExtension:
         """
         from safetensors.torch import save_file
 
-        staged = self._trl_staging(session)
-        self._trl_check_count(staged, count)
+        staged = assemble(self._trl_staging(session), count)
         if not _NAME.match(name) or not _NAME.match(session):
             raise ValueError(f"Invalid adapter name or session {name!r} / {session!r}.")
         json.loads(config)  # refuse anything that is not JSON
@@ -177,7 +177,37 @@ class WeightSyncExtension:
             raise RuntimeError(f"No staging session {session!r} on this worker (it was replaced or never started).")
         return self._trl_staged
 
-    @staticmethod
-    def _trl_check_count(staged: dict[str, torch.Tensor], count: str) -> None:
-        if len(staged) != int(count):
-            raise RuntimeError(f"Only {len(staged)} of {count} tensors arrived; nothing was loaded.")
+
+def split_name(name: str, part: int, parts: int) -> str:
+    """The staging name of piece `part` (0-based) of `parts` of tensor `name`, for tensors larger than a chunk."""
+    return f"{name}{PART_MARK}{part}/{parts}"
+
+
+def assemble(staged: dict[str, torch.Tensor], count: str) -> dict[str, torch.Tensor]:
+    """The pushed tensors, with split ones joined again (pieces along dim 0), checked against the announced count.
+
+    Args:
+        staged (`dict[str, torch.Tensor]`): What arrived, pieces under `split_name` names.
+        count (`str`): How many tensors the client sent.
+
+    Raises:
+        RuntimeError: If a tensor or a piece is missing; nothing is loaded then.
+    """
+    whole: dict[str, torch.Tensor] = {}
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    expected: dict[str, int] = {}
+    for key, tensor in staged.items():
+        if PART_MARK not in key:
+            whole[key] = tensor
+            continue
+        name, _, where = key.rpartition(PART_MARK)
+        part, _, parts = where.partition("/")
+        pieces.setdefault(name, {})[int(part)] = tensor
+        expected[name] = int(parts)
+    for name, got in pieces.items():
+        if sorted(got) != list(range(expected[name])):
+            raise RuntimeError(f"{len(got)} of {expected[name]} pieces of {name!r} arrived; nothing was loaded.")
+        whole[name] = torch.cat([got[k] for k in range(expected[name])], dim=0)
+    if len(whole) != int(count):
+        raise RuntimeError(f"Only {len(whole)} of {count} tensors arrived; nothing was loaded.")
+    return whole

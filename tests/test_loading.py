@@ -87,6 +87,10 @@ def test_auto_derives_backend_options_from_the_backends(tiny_model_dir, caplog):
         "api_key": "k",
         "timeout": 5.0,
         "max_retries": 1,
+        "sync_adapters": True,
+        "weight_chunk_bytes": 1 << 20,
+        "weight_transfer": "http",
+        "weight_transfer_dir": "/tmp",
     }
     assert set(values) == set(vllm_only)
     with caplog.at_level(logging.WARNING, logger="trl_inference_ext"):

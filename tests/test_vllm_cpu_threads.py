@@ -162,20 +162,18 @@ def test_trainer_threads_and_affinity_unchanged_after_start(report: dict[str, An
 
 @pytest.mark.slow
 def test_control_engine_shows_what_vllm_changes(report: dict[str, Any]) -> None:
-    """Without the guard the same start replaces `torch.set_num_threads` and binds the main thread's memory."""
+    """Without the guard the same start replaces `torch.set_num_threads` (whether it also rebinds memory depends on
+    the machine's NUMA layout, so that is not asserted)."""
     control = report["control"]
     assert report["control_generated_tokens"] > 0
     assert control["set_num_threads"] != report["before"]["set_num_threads"]
     assert not report["control_set_threads_works"]
     assert control["local_world_size"] == "1"
-    if report["before"]["memory_policy"] is not None:
-        assert control["memory_policy"] != report["before"]["memory_policy"]
-    # What the guard restored is named: at least the replaced function and the memory policy.
+    # What the guard restored is named: at least the replaced function.
     assert any("set_num_threads" in item for item in report["restored"])
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="until VLLMBackend starts its engine under keep_trainer_threads()", strict=False)
 def test_vllm_backend_keeps_trainer_threads(tiny_model_dir: str) -> None:
     _assert_unchanged(_run_child("backend", tiny_model_dir))
 

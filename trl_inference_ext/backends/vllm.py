@@ -34,6 +34,7 @@ from .adapters import is_peft_model
 from .base import ScoringConfig, SequenceOutput
 from .huggingface import _unwrap
 from .options import check_options
+from .vllm_cpu_threads import keep_trainer_threads
 from .vllm_engine import EngineTransport
 from .vllm_lora import adapter_unsupported_reason, export_adapter
 from .vllm_pool import NoServerLeftError, ServerPool
@@ -417,16 +418,19 @@ class VLLMBackend:
 
         memory = engine_memory_settings(gpu_memory_utilization, kv_cache_memory_bytes)
         try:
-            llm = LLM(
-                model=model_name,
-                tensor_parallel_size=tensor_parallel_size,
-                dtype=cast(Any, dtype),  # vLLM validates the value and names the allowed ones
-                seed=seed,
-                trust_remote_code=trust_remote_code,
-                logprobs_mode="processed_logprobs",
-                **memory,
-                **engine_kwargs,
-            )
+            # On the CPU build the engine's start rebinds this process's threads, cores and memory policy, which
+            # would starve the trainer it shares the process with: restored as they were (see vllm_cpu_threads).
+            with keep_trainer_threads():
+                llm = LLM(
+                    model=model_name,
+                    tensor_parallel_size=tensor_parallel_size,
+                    dtype=cast(Any, dtype),  # vLLM validates the value and names the allowed ones
+                    seed=seed,
+                    trust_remote_code=trust_remote_code,
+                    logprobs_mode="processed_logprobs",
+                    **memory,
+                    **engine_kwargs,
+                )
         except Exception as exc:
             raise VLLMEngineStartError(_start_failure_message(exc, memory)) from exc
         self.transport = EngineTransport(llm)

@@ -683,7 +683,27 @@ def test_launcher_stops_cleanly_on_ctrl_c(servers):
     assert launcher.process.wait(timeout=120) == 0
     assert not is_healthy(servers.a_url, timeout=1.0)
     assert not _group_alive(launcher.server_pid)
-    assert any(line.startswith("vLLM server stopped") for line in launcher.log_path.read_text().splitlines())
+    log = launcher.log_path.read_text()
+    # On a line of its own even when vLLM's processes exit mid-line (a native library's last message has no newline).
+    assert any(line.startswith("vLLM server stopped") for line in log.splitlines()), log[-2000:]
+
+
+def test_output_relay_puts_the_closing_line_on_a_line_of_its_own(capfd):
+    """A server process that exits mid-line (as a native library's last message does) leaves no line half-written."""
+    from trl_inference_ext.serve import OutputRelay
+
+    for text, expected in (("exits mid-line", "exits mid-line\n"), ("ends its line\n", "ends its line\n")):
+        relay = OutputRelay()
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-c", f"import sys; sys.stdout.write({text!r})"], stdout=relay.sink
+            )
+        finally:
+            relay.started()
+        assert child.wait(timeout=60) == 0
+        relay.finish()
+        print("closing line", file=sys.stderr)
+        assert capfd.readouterr().err == expected + "closing line\n"
 
 
 def _group_alive(group: int) -> bool:

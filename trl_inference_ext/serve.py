@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -156,14 +157,19 @@ class ServerProcess:
 
     Args:
         config (`ServeConfig`): What to start.
-        log (`IO`, *optional*): Where the server's output goes (default: this process's stderr).
+        log (`IO` or `int`, *optional*): Where the server's output goes, a file or a file descriptor (default: this
+            process's stderr).
     """
 
-    def __init__(self, config: ServeConfig, log: IO[Any] | None = None) -> None:
+    def __init__(self, config: ServeConfig, log: IO[Any] | int | None = None) -> None:
         self.config = config
         command, env = server_command(config)
         self.process = subprocess.Popen(
-            command, env=env, stdout=log or sys.stderr, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=env,
+            stdout=sys.stderr if log is None else log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def wait_healthy(self, timeout: float = DEFAULT_STARTUP_TIMEOUT) -> None:
@@ -210,6 +216,47 @@ class ServerProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=30)
+
+
+class OutputRelay:
+    """Copies a server's output to this process's stderr and remembers whether the last line was ended.
+
+    vLLM's processes can exit mid-line (a native library's last message has no newline); the launcher's own closing
+    line must still start on a line of its own.
+    """
+
+    def __init__(self) -> None:
+        read_end, self._write_end = os.pipe()
+        self._source = os.fdopen(read_end, "rb", buffering=0)
+        self.ends_line = True
+        self._thread = threading.Thread(target=self._copy, name="vllm-output", daemon=True)
+        self._thread.start()
+
+    @property
+    def sink(self) -> int:
+        """The file descriptor the server writes to (closed here by `started()`)."""
+        return self._write_end
+
+    def started(self) -> None:
+        """Closes this process's copy of the write end, so the relay ends when the server's processes are gone."""
+        os.close(self._write_end)
+
+    def _copy(self) -> None:
+        out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+        while chunk := self._source.read(65536):
+            self.ends_line = chunk.endswith(b"\n")
+            if out is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    out.write(chunk)
+                    out.flush()
+        self._source.close()
+
+    def finish(self, timeout: float = 10.0) -> None:
+        """Waits (at most `timeout` s) for the server's last output, then ends its line if it was left open."""
+        self._thread.join(timeout)
+        if not self.ends_line:
+            sys.stderr.write("\n")
+            self.ends_line = True
 
 
 def is_healthy(url: str, timeout: float = 2.0) -> bool:
@@ -332,8 +379,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # of a script inherits it ignored. The server runs in its own process group, which `stop()` ends as a whole.
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     server: ServerProcess | None = None
+    relay = OutputRelay()
     try:
-        server = ServerProcess(config)
+        try:
+            server = ServerProcess(config, log=relay.sink)
+        finally:
+            relay.started()
         server.wait_healthy(args.startup_timeout)
         print(f"vLLM server ready at {config.url} (pid {server.process.pid}, model {config.model}", end="")
         print(f", LoRA rank <= {config.lora_rank})" if config.lora_rank else ")")
@@ -356,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = server.stop() if server is not None else 0
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        relay.finish()
         if stopping:
             print(f"vLLM server stopped (status {code}).", file=sys.stderr)
 

@@ -245,3 +245,46 @@ def test_rollout_func_decoding_options_are_checked_and_kept():
         rollout_func(reuse_kv="yes")
     with pytest.raises(ValueError, match="fold_lora"):
         rollout_func(fold_lora="sometimes")
+
+
+def test_given_inference_renders_prompts_with_the_trainers_chat_template(tiny_model_dir, grpo_config):
+    """A module passed as `inference=` loaded its own tokenizer: prompts still render as the trainer renders them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_inference_ext import InferenceModule
+
+    grpo_config.max_steps = 1
+    grpo_config.max_completion_length = 4
+    grpo_config.beta = 0.0
+    trainer_tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trainer_tokenizer.chat_template = (  # the user's own template on the trainer's tokenizer
+        "{% for m in messages %}{{ 'turn ' + m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'turn assistant: ' }}{% endif %}"
+    )
+    policy = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), peft.LoraConfig(**LORA)
+    )
+    inference = InferenceModule.from_model(policy, AutoTokenizer.from_pretrained(tiny_model_dir), cache_size=0)
+    assert inference.tokenizer.chat_template != trainer_tokenizer.chat_template
+    prompts = [[{"role": "user", "content": "what is two plus two"}], [{"role": "user", "content": "add one"}]]
+    seen: list = []
+    trainer = trl.GRPOTrainer(
+        model=policy,
+        reward_funcs=[alternating_reward],
+        args=grpo_config,
+        train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+        processing_class=trainer_tokenizer,
+        rollout_func=recording(rollout_func(inference=inference), seen),
+    )
+    trainer.train()
+
+    assert seen
+    for batch, out in seen:
+        expected = [
+            trainer_tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+            for p in batch
+        ]
+        assert out["prompt_ids"] == expected
+    assert inference.tokenizer.chat_template == trainer_tokenizer.chat_template

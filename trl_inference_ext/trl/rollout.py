@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -12,6 +13,8 @@ from ..module import InferenceModule
 from ..tools.execution import ISOLATIONS, MAX_OUTPUT_CHARS, ToolExecutor
 from ..tools.loop import ToolRollout, repeat_group_size, run_tool_loop
 from .sampling import sampling_from_trl_args
+
+logger = logging.getLogger(__name__)
 
 
 class RolloutFunction:
@@ -89,6 +92,7 @@ class RolloutFunction:
         sampling = sampling_from_trl_args(trainer.args, self.sampling)
         if self.inference is not None:
             self._sync_weights(trainer)
+            use_trainer_chat_template(self.inference, trainer.processing_class)
             return self._rollouts(self.inference, prompts, sampling)
         with self._trainer_model(trainer) as model:
             inference = InferenceModule.from_model(
@@ -125,6 +129,21 @@ class RolloutFunction:
         }
 
 
+def use_trainer_chat_template(inference: InferenceModule, processing_class: Any) -> None:
+    """Makes `inference` render chat prompts (and tool turns) with the trainer's chat template.
+
+    TRL renders prompts with `processing_class`; a module given as `rollout_func(inference=...)` loaded its own
+    tokenizer, whose template may differ (e.g. one the user set on the trainer's tokenizer to render tools). The
+    trainer's template is copied onto the module's tokenizer, so both render the same prompt tokens.
+    """
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor carries its tokenizer
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or getattr(inference.tokenizer, "chat_template", None) == template:
+        return
+    logger.info("rollout_func: the inference module renders chat prompts with the trainer's chat template.")
+    inference.tokenizer.chat_template = template
+
+
 def _as_trl_output(rollouts: list[ToolRollout]) -> dict[str, Any]:
     return {
         "prompt_ids": [r.prompt_ids for r in rollouts],
@@ -159,8 +178,9 @@ def rollout_func(
 
     Args:
         inference (`InferenceModule`, *optional*): Generate with this module (e.g. the vLLM backend); its weights are
-            synced from the trainer's model at each new global step. `None` generates with the trainer's own
-            (unwrapped, possibly PEFT, ZeRO-3-gathered) model on the Hugging Face backend.
+            synced from the trainer's model at each new global step, and chat prompts render with the trainer's
+            chat template (copied onto the module's tokenizer, as TRL renders them). `None` generates with the
+            trainer's own (unwrapped, possibly PEFT, ZeRO-3-gathered) model on the Hugging Face backend.
         tools (`Sequence`, *optional*): Tools for multi-turn rollouts (callables are executed).
         tool_parser (`str`, *optional*, defaults to `"auto"`): Tool-call format (used when `inference=None`).
             `"auto"` (also the default of `tool_call_reward` and the CLI) reads the format the trainer's chat

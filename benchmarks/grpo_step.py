@@ -16,7 +16,8 @@ generations per step, temperature 0.7, in its own subprocess (its own threads, m
   SmolLM2's own chat format plus tool rendering (see there for why), so both render the prompt with
   `apply_chat_template(tools=...)` and generate from the same tokens (the table shows prompt tokens per step). TRL
   parses responses with its hermes-style `trl.chat_template_utils.qwen3_template`, set as the tokenizer's
-  `response_template`. The table shows each row's call rate.
+  `response_template`. The table shows each row's call rate;
+- `ours-vllm-tools`: our tool loop on the in-process vLLM engine of `ours-vllm` (the same task and template).
 
 Shapes: `short` (64 new tokens, short chat questions), `long` (512 new tokens, requests for long answers: generation
 dominates), both for the first four rows; `tools` (the tool rows, 64 tokens per completion, tool results included).
@@ -82,6 +83,7 @@ ROWS: dict[str, str] = {
     "trl-vllm": "TRL vLLM colocate (`use_vllm=True`)",
     "trl-tools": "TRL tool loop (`tools=[calculator]`)",
     "ours-tools": "ours `rollout_func(tools=[calculator])`",
+    "ours-vllm-tools": "ours `rollout_func(inference=vLLM in-process, tools=[calculator])`",
 }
 REFERENCE_ROW = {"short": "trl", "long": "trl", "tools": "trl-tools"}
 LONG_PROMPTS = (
@@ -162,7 +164,7 @@ FULL = Plan(
     rows={
         "short": ("trl", "ours-hf", "ours-vllm", "trl-vllm"),
         "long": ("trl", "ours-hf", "ours-vllm", "trl-vllm"),
-        "tools": ("trl-tools", "ours-tools"),
+        "tools": ("trl-tools", "ours-tools", "ours-vllm-tools"),
     },
     steps={"short": 3, "long": 2, "tools": 3},
     warm_steps={"short": 2, "long": 1, "tools": 2},
@@ -481,7 +483,7 @@ def _train(
         config["max_tool_calling_iterations"] = 1
     if row.startswith("ours"):
         inference = context.get("inference")
-        if row == "ours-vllm" and inference is None:
+        if row.startswith("ours-vllm") and inference is None:
             from trl_inference_ext import InferenceModule
 
             begin = time.perf_counter()
@@ -494,7 +496,8 @@ def _train(
                 max_model_len=1024,
             )
             report["engine_start_s"] = time.perf_counter() - begin
-        tools = {"tools": [calculator], "tool_parser": "hermes", "max_tool_turns": 1} if row == "ours-tools" else {}
+        with_tools = row.endswith("-tools")
+        tools = {"tools": [calculator], "tool_parser": "hermes", "max_tool_turns": 1} if with_tools else {}
         kwargs["rollout_func"] = timed_rollout(rollout_func(inference=inference, **tools), timer)
 
     begin = time.perf_counter()

@@ -758,7 +758,7 @@ def test_api_key_middleware_guards_every_route_but_health(monkeypatch):
 def test_launcher_command_keeps_the_key_out_of_the_command_line():
     import argparse
 
-    from trl_inference_ext.serve import ServeConfig, add_arguments, config_from_args, server_command
+    from trl_inference_ext.serve import ServeConfig, add_arguments, config_from_args, connect_line, server_command
 
     command, env = server_command(ServeConfig(model="some/model", api_key="s3cret", lora_rank=8, port=8123))
     assert "s3cret" not in " ".join(command) and env["VLLM_API_KEY"] == "s3cret"
@@ -780,6 +780,11 @@ def test_launcher_command_keeps_the_key_out_of_the_command_line():
     os.environ.pop("VLLM_API_KEY", None)
     config, generated = config_from_args(parser.parse_args(["m"]), [])
     assert generated and len(config.api_key) >= 24 and config.host == "127.0.0.1"
+    assert "--weight-transfer-config" not in server_command(config)[0]
+    config, _ = config_from_args(parser.parse_args(["m", "--weight-transfer", "nccl"]), [])
+    command = server_command(config)[0]
+    assert command[command.index("--weight-transfer-config") + 1] == '{"backend": "nccl"}'
+    assert 'weight_transfer="nccl"' in connect_line(config, key_shown=False)
 
 
 def test_weight_chunks_are_checked_on_arrival():

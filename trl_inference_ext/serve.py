@@ -62,6 +62,9 @@ class ServeConfig:
         enforce_eager (`bool`): Skip compilation and graph capture (faster start).
         seed (`int`): Engine seed.
         served_model_name (`str`, *optional*): Name requests use instead of `model`.
+        weight_transfer (`str`): How pushed weights arrive besides HTTP chunks and shared folders, which always
+            work: `"nccl"` also starts vLLM's NCCL weight-transfer engine (GPU servers, `weight_transfer="nccl"` on
+            the trainer's side).
         extra_args (`list[str]`): Further `vllm serve` arguments, unchanged.
     """
 
@@ -78,6 +81,7 @@ class ServeConfig:
     enforce_eager: bool = False
     seed: int = 0
     served_model_name: str | None = None
+    weight_transfer: str = "http"
     extra_args: tuple[str, ...] = ()
 
     @property
@@ -125,6 +129,8 @@ def server_command(config: ServeConfig) -> tuple[list[str], dict[str, str]]:
     command += memory
     if config.lora_rank is not None:
         command += ["--enable-lora", "--max-lora-rank", str(config.lora_rank), "--max-loras", "1"]
+    if config.weight_transfer == "nccl":
+        command += ["--weight-transfer-config", '{"backend": "nccl"}']
     command += list(config.extra_args)
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env.update({"VLLM_SERVER_DEV_MODE": "1", API_KEY_ENV: config.api_key})
@@ -149,7 +155,8 @@ def _memory_arguments(config: ServeConfig) -> list[str]:
 def connect_line(config: ServeConfig, key_shown: bool) -> str:
     """The Python line that connects an `InferenceModule` to the server."""
     key = repr(config.api_key) if key_shown else f'os.environ["{API_KEY_ENV}"]'
-    return f'InferenceModule({config.model!r}, backend="vllm", base_url={config.url!r}, api_key={key})'
+    transfer = ', weight_transfer="nccl"' if config.weight_transfer == "nccl" else ""
+    return f'InferenceModule({config.model!r}, backend="vllm", base_url={config.url!r}, api_key={key}{transfer})'
 
 
 class ServerProcess:
@@ -292,6 +299,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="engine seed")
     parser.add_argument("--served-model-name", default=None, help="model name requests use (default: MODEL)")
     parser.add_argument(
+        "--weight-transfer",
+        choices=("http", "nccl"),
+        default="http",
+        help="nccl: also receive weights over vLLM's NCCL engine from a trainer GPU (GPU servers); HTTP chunks and "
+        "shared folders always work",
+    )
+    parser.add_argument(
         "--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT, help="seconds to wait for health"
     )
 
@@ -327,6 +341,7 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str]) -> tuple[Se
         enforce_eager=args.enforce_eager,
         seed=args.seed,
         served_model_name=args.served_model_name,
+        weight_transfer=args.weight_transfer,
         extra_args=tuple(extra),
     )
     return config, generated

@@ -266,11 +266,18 @@ def _server_weight_transport(
         return SharedFilesystem(weight_transfer_dir)
     if weight_transfer_dir:
         raise ValueError("`weight_transfer_dir` is only used with `weight_transfer='filesystem'`.")
+    if choice == "nccl":
+        from .vllm_nccl import NCCLBroadcast
+
+        return NCCLBroadcast(master_address=os.environ.get(NCCL_ADDRESS_ENV) or None, chunk_bytes=chunk_bytes)
     return HTTPChunks(chunk_bytes)
 
 
-WEIGHT_TRANSFERS = ("http", "filesystem")
-"""How weights reach vLLM servers: HTTP chunks to the worker extension, or files in a shared folder."""
+WEIGHT_TRANSFERS = ("http", "filesystem", "nccl")
+"""How weights reach vLLM servers: HTTP chunks to the worker extension, files in a shared folder, or vLLM's NCCL
+weight-transfer engine (GPUs on both sides)."""
+NCCL_ADDRESS_ENV = "TRL_INFERENCE_NCCL_ADDRESS"
+"""The address of this machine that servers reach for the NCCL rendezvous (default: derived from its host name)."""
 
 
 # ----------------------------------------------------------------------------------------------------- backend
@@ -307,8 +314,11 @@ class VLLMBackend:
             exponential backoff starting at `retry_backoff` seconds.
         weight_transfer (`str`, *optional*): How `load_weights` reaches servers: `"http"` (chunks through
             `/collective_rpc`, no shared filesystem; needs the worker extension that `trl-inference serve` installs)
-            or `"filesystem"` (safetensors files in `weight_transfer_dir`, reloaded by each server). Default:
-            `"filesystem"` when `weight_transfer_dir` is given, `"http"` otherwise.
+            `"filesystem"` (safetensors files in `weight_transfer_dir`, reloaded by each server), or `"nccl"`
+            (vLLM's NCCL engine: this process's GPU broadcasts into the servers' GPUs; servers started with
+            `trl-inference serve --weight-transfer nccl`, rendezvous address from `$TRL_INFERENCE_NCCL_ADDRESS`
+            when set; see `vllm_nccl`). Default: `"filesystem"` when `weight_transfer_dir` is given, `"http"`
+            otherwise.
         weight_transfer_dir (`str`, *optional*): A folder at the same path here and on every server.
         weight_chunk_bytes (`int`, *optional*, defaults to 64 MiB): Tensor bytes per HTTP request of a push.
         sync_adapters (`bool`, *optional*, defaults to `True`): Let `load_weights_from_model` push only the LoRA

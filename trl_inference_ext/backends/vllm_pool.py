@@ -359,7 +359,10 @@ class ServerPool(CompletionRequests):
             client.max_concurrent_requests = count
 
     def close(self) -> None:
-        """Nothing to release (connections are per request)."""
+        """Releases what the weight transport holds (e.g. NCCL groups); connections are per request."""
+        close = getattr(self.weight_transport, "close", None)
+        if callable(close):
+            close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base_urls!r}, dropped={sorted(self.dropped)!r})"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -33,15 +32,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import QWEN2_0_5B, append_results
+from trl_inference_ext.testing import free_port
 
 API_KEY = "weight-sync-benchmark"
 KV_CACHE_BYTES = 512 * 2**20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _core_sets(servers: int) -> list[str]:
@@ -57,7 +51,7 @@ def start_server(folder: str, cores: str, lora_rank: int, log: Path) -> Any:
 
     config = ServeConfig(
         model=folder,
-        port=_free_port(),
+        port=free_port(),
         api_key=API_KEY,
         lora_rank=lora_rank,
         dtype="float32",

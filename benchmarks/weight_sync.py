@@ -143,6 +143,15 @@ def measure_throughput(
     return {"servers": len(urls), "tokens_per_s": statistics.median(rates)}
 
 
+def _failure(exc: Exception, work: Path, name: str) -> str:
+    """What failed, with the last error line of the servers' logs (the logs are in a folder removed at the end)."""
+    last = ""
+    for log in sorted(work.glob(f"{name}-*.log")):
+        lines = [x for x in log.read_text(errors="replace").splitlines() if "Error" in x]
+        last = lines[-1].strip() if lines else last
+    return f"{type(exc).__name__}: {str(exc)[:160]}" + (f"; server log: {last[:300]}" if last else "")
+
+
 def run(
     names: list[str],
     layers: int,
@@ -167,10 +176,15 @@ def run(
             for row in measure_pushes(folder, url_a, args.lora_rank, repeats, work / "shared"):
                 sync_rows.append((label, row))
             if not args.no_throughput:
-                throughput.append((label, measure_throughput(folder, [url_a], prompts, generations, tokens, repeats)))
-                second = start_server(folder, cores[1], args.lora_rank, work / f"{name}-b.log")
-                urls = [url_a, second.config.url]
-                throughput.append((label, measure_throughput(folder, urls, prompts, generations, tokens, repeats)))
+                try:
+                    one = measure_throughput(folder, [url_a], prompts, generations, tokens, repeats)
+                    throughput.append((label, one))
+                    second = start_server(folder, cores[1], args.lora_rank, work / f"{name}-b.log")
+                    urls = [url_a, second.config.url]
+                    throughput.append((label, measure_throughput(folder, urls, prompts, generations, tokens, repeats)))
+                except Exception as exc:  # recorded with the server's last words; the push rows still count
+                    throughput.append((label, {"servers": 2 if second else 1, "error": _failure(exc, work, name)}))
+                    print(f"  throughput failed: {throughput[-1][1]['error']}", flush=True)
         finally:
             first.stop()
             if second is not None:
@@ -220,6 +234,9 @@ def main() -> None:
         rows = ["| model | servers | cores each | rollout tokens/s | x one server |", "|---|---:|---:|---:|---:|"]
         base: dict[str, float] = {}
         for label, row in throughput:
+            if "error" in row:
+                rows.append(f"| {label} | {row['servers']} | | failed: {row['error']} | |")
+                continue
             base.setdefault(label, row["tokens_per_s"])
             ratio = row["tokens_per_s"] / base[label]
             cores_each = len(cores[0].split(","))

@@ -242,6 +242,19 @@ def test_greedy_matches_huggingface_and_repeats(engine, hf):
     torch.testing.assert_close(_padded([o.logprobs for o in outputs[::2]]), reference, atol=TOLERANCE, rtol=0)
 
 
+def test_seeded_sampling_of_more_prompt_tokens_than_one_step_takes(engine):
+    """Seeded requests whose prompts exceed one scheduler step (4,096 tokens) complete and repeat.
+
+    On the CPU build a chunked prefill of a seeded request crashed the engine ("CPU Generator does not use
+    offset"): the backend turns chunked prefill off there (`cpu_scheduler_settings`).
+    """
+    prompts = [[(i * 7 + j) % 500 + 5 for j in range(300)] for i in range(20)]  # 6,000 prompt tokens
+    sampling = SamplingConfig(max_new_tokens=4, temperature=1.0, num_return_sequences=2, seed=11)
+    first = engine.generate(prompts, sampling)
+    assert [o.prompt_index for o in first] == [i for i in range(20) for _ in range(2)]
+    assert [o.token_ids for o in engine.generate(prompts, sampling)] == [o.token_ids for o in first]
+
+
 def test_finish_reasons(engine):
     tok = engine.tokenizer
     prompt_ids = _prompt_ids(tok)[:1]

@@ -677,6 +677,15 @@ def test_launcher_stops_cleanly_on_ctrl_c(servers):
     assert any(line.startswith("vLLM server stopped") for line in log.splitlines()), log[-2000:]
 
 
+def test_seeded_sampling_of_more_prompt_tokens_than_one_step_takes_on_a_server(servers):
+    """A seeded batch larger than one scheduler step completes on a launched server (chunked prefill is off on the
+    CPU build, where a chunked prefill of a seeded request crashed the engine)."""
+    backend = servers.backend([servers.a_url])
+    prompts = [[(i * 7 + j) % 500 + 5 for j in range(300)] for i in range(20)]  # 6,000 prompt tokens
+    outputs = backend.generate(prompts, SamplingConfig(max_new_tokens=4, temperature=1.0, seed=11))
+    assert [o.prompt_index for o in outputs] == list(range(20)) and all(o.token_ids for o in outputs)
+
+
 def test_output_relay_puts_the_closing_line_on_a_line_of_its_own(capfd):
     """A server process that exits mid-line (as a native library's last message does) leaves no line half-written."""
     from trl_inference_ext.serve import OutputRelay

@@ -127,6 +127,7 @@ def server_command(config: ServeConfig) -> tuple[list[str], dict[str, str]]:
         command.append("--enforce-eager")
     memory = _memory_arguments(config)
     command += memory
+    command += _scheduler_arguments(config)
     if config.lora_rank is not None:
         command += ["--enable-lora", "--max-lora-rank", str(config.lora_rank), "--max-loras", "1"]
     if config.weight_transfer == "nccl":
@@ -150,6 +151,16 @@ def _memory_arguments(config: ServeConfig) -> list[str]:
     if "kv_cache_memory_bytes" in settings:
         return ["--kv-cache-memory-bytes", str(settings["kv_cache_memory_bytes"])]
     return []
+
+
+def _scheduler_arguments(config: ServeConfig) -> list[str]:
+    """`--no-enable-chunked-prefill` on the CPU build, where seeded requests crash a chunked prefill (see
+    `backends.vllm.cpu_scheduler_settings`), unless the extra arguments choose."""
+    if any("chunked-prefill" in arg for arg in config.extra_args):
+        return []
+    from .backends.vllm import cpu_scheduler_settings
+
+    return ["--no-enable-chunked-prefill"] if cpu_scheduler_settings({}) else []
 
 
 def connect_line(config: ServeConfig, key_shown: bool) -> str:

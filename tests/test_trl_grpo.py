@@ -243,8 +243,9 @@ def test_rollout_func_decoding_options_are_checked_and_kept():
     assert rollout_func().reuse_kv is True and rollout_func().fold_lora == "auto"
     with pytest.raises(TypeError, match="reuse_kv"):
         rollout_func(reuse_kv="yes")
-    with pytest.raises(ValueError, match="fold_lora"):
-        rollout_func(fold_lora="sometimes")
+    for bad in ("sometimes", 1):  # the same rule as the backend's (`lora_fold.check_fold_mode`)
+        with pytest.raises(ValueError, match="fold_lora"):
+            rollout_func(fold_lora=bad)
 
 
 def test_given_inference_renders_prompts_with_the_trainers_chat_template(tiny_model_dir, grpo_config):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .backends import BACKEND_NAMES, Backend, ScoringConfig, create_backend
-from .backends.capabilities import SupportsAdapterToggling
+from .backends.capabilities import SupportsAdapterToggling, SupportsTurnCaches
 from .cache import GenerationCache
 from .model_source import resolve_model_name
 from .sampled_texts import SAMPLED_TEXTS, vocabulary_fingerprint
@@ -162,11 +162,10 @@ class InferenceModule:
         Args:
             max_bytes (`int`, *optional*): Most bytes of keys and values kept; the backend's default otherwise.
         """
-        keep = getattr(self.backend, "keep_turn_caches", None)
-        if keep is None:
+        if not isinstance(self.backend, SupportsTurnCaches):
             yield
             return
-        with keep(max_bytes):
+        with self.backend.keep_turn_caches(max_bytes):
             yield
 
     # ------------------------------------------------------------------------------------------ generation

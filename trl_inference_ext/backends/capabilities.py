@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -43,4 +43,14 @@ class SupportsAdapterToggling(Protocol):
         ...
 
 
-__all__ = ["SupportsAdapterToggling", "SupportsWeightPush"]
+@runtime_checkable
+class SupportsTurnCaches(Protocol):
+    """A backend that can keep each rollout's KV cache from one `generate` call to the next (multi-turn rollouts), so
+    a turn runs only the tokens appended since the model's last one (Hugging Face)."""
+
+    def keep_turn_caches(self, max_bytes: int | None = None) -> AbstractContextManager[Any]:
+        """A context in which consecutive `generate` calls reuse the KV caches of the rows their prompts extend."""
+        ...
+
+
+__all__ = ["SupportsAdapterToggling", "SupportsTurnCaches", "SupportsWeightPush"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -183,7 +184,7 @@ class NCCLBroadcast:
 
 def _address_for(url: str) -> str:
     """The address of this machine that the server at `url` reaches: loopback for a local server."""
-    host = url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+    host = urllib.parse.urlsplit(url).hostname
     if host in ("127.0.0.1", "localhost", "::1"):
         return "127.0.0.1"
     return socket.gethostbyname(socket.gethostname())

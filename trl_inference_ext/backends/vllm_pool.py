@@ -360,9 +360,7 @@ class ServerPool(CompletionRequests):
 
     def close(self) -> None:
         """Releases what the weight transport holds (e.g. NCCL groups); connections are per request."""
-        close = getattr(self.weight_transport, "close", None)
-        if callable(close):
-            close()
+        self.weight_transport.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base_urls!r}, dropped={sorted(self.dropped)!r})"

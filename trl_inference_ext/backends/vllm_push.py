@@ -106,6 +106,10 @@ class ServerWeightTransport(Protocol):
         """Puts the adapter where each server can read it; returns the folder per URL, and the failures."""
         ...
 
+    def close(self) -> None:
+        """Releases what the transport holds between pushes (e.g. NCCL groups)."""
+        ...
+
 
 # --------------------------------------------------------------------------------------------- transports
 class HTTPChunks:
@@ -154,6 +158,9 @@ class HTTPChunks:
 
         failures.update(_each([c for c in clients if c.base_url not in failures], write))
         return folders, failures
+
+    def close(self) -> None:
+        """Nothing is held between pushes."""
 
     def _stage(
         self, clients: Sequence[VLLMServerClient], weights: NamedTensors, session: str
@@ -233,6 +240,9 @@ class SharedFilesystem:
         with open(os.path.join(folder, "adapter_config.json"), "w") as f:
             f.write(adapter.config)
         return {c.base_url: folder for c in clients}, {}
+
+    def close(self) -> None:
+        """Nothing is held between pushes (the newest push's folder stays: the servers loaded from it)."""
 
     def finish(self, kind: str, session: str) -> None:
         """Removes the older pushes of `kind` once `session` is loaded everywhere it could be."""

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ..backends.capabilities import SupportsWeightPush
+from ..backends.lora_fold import check_fold_mode
 from ..module import InferenceModule
 from ..tools.execution import ISOLATIONS, MAX_OUTPUT_CHARS, ToolExecutor
 from ..tools.loop import ToolRollout, repeat_group_size, run_tool_loop
@@ -219,8 +220,7 @@ def rollout_func(
         raise ValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {tool_parser!r}.")
     if not isinstance(reuse_kv, bool):
         raise TypeError(f"`reuse_kv` must be a bool, got {type(reuse_kv).__name__}.")
-    if fold_lora not in (True, False, "auto"):
-        raise ValueError(f"`fold_lora` must be True, False or 'auto', got {fold_lora!r}.")
+    check_fold_mode(fold_lora)
     if tool_isolation not in ISOLATIONS:
         raise ValueError(f"`tool_isolation` must be one of {list(ISOLATIONS)}, got {tool_isolation!r}.")
     executor = None

@@ -227,6 +227,144 @@ def _skip_string(text: str, pos: int, end: int, body: re.Pattern[str], quote: st
         # otherwise the body's 4096-unit bound was reached: continue from there
 
 
+_QUOTE, _OPENINGS, _CLOSINGS = 2, 4, 5
+"""The `_JSON_INNER` groups of the tokens `scan_json` acts on (the other scanner states map theirs to these): the
+opening quote of a string it skips, a run of opening brackets, a run of closing brackets."""
+_ACTED_ON = frozenset((_QUOTE, _OPENINGS, _CLOSINGS))
+
+
+class _OpenBrackets:
+    """The brackets a `scan_json` pass holds open.
+
+    The first `MAX_DEPTH` levels are tracked (`positions`, `kinds`, and the closed spans directly inside each in
+    `kids`); deeper levels are only counted in `overflow`, and close first.
+    """
+
+    __slots__ = ("kids", "kinds", "overflow", "positions")
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+        self.kinds: list[str] = []
+        self.kids: list[list[JsonNode] | None] = []
+        self.overflow = 0
+
+    def push(self, text: str, first: int, last: int) -> None:
+        """Opens the run of opening brackets `text[first:last]`: tracked up to `MAX_DEPTH` levels, counted beyond.
+
+        Args:
+            text (`str`): The text.
+            first (`int`): Offset of the first bracket of the run.
+            last (`int`): Offset just past the run.
+        """
+        positions, kinds, kids = self.positions, self.kinds, self.kids
+        room = min(last - first, MAX_DEPTH - len(positions))
+        for offset in range(first, first + room):
+            positions.append(offset)
+            kinds.append(text[offset])
+            kids.append(None)
+        self.overflow += last - first - room
+
+    def close(self, text: str, first: int, last: int) -> JsonNode | None:
+        """Closes brackets with the run of characters `text[first:last]`.
+
+        Counted levels close first, one per character; then a character closes the innermost tracked bracket when it
+        matches its kind and is ignored otherwise. A closed span is added to the children of the bracket around it.
+
+        Args:
+            text (`str`): The text.
+            first (`int`): Offset of the first character of the run.
+            last (`int`): Offset just past the run.
+
+        Returns:
+            `JsonNode` or `None`: The top-level span, when one closes. The rest of the run is then ignored: no bracket
+            is left open for it to close.
+        """
+        offset = first
+        if self.overflow:
+            closed = min(self.overflow, last - first)
+            self.overflow -= closed
+            offset += closed
+        positions, kinds, kids = self.positions, self.kinds, self.kids
+        while offset < last and positions:
+            if (text[offset] == "}") != (kinds[-1] == "{"):
+                offset += 1
+                continue
+            offset += 1
+            node = (positions.pop(), offset, kids.pop())
+            kinds.pop()
+            if not positions:
+                return node
+            if kids[-1] is None:
+                kids[-1] = [node]
+            else:
+                kids[-1].append(node)
+        return None
+
+    def unclosed(self) -> Iterator[JsonNode]:
+        """Yields the tracked brackets still open (`end == -1`), outermost first, each followed by its children."""
+        for position, children in zip(self.positions, self.kids):
+            yield (position, -1, None)
+            if children:
+                yield from children
+
+
+def _next_outer(text: str, pos: int, end: int, prose: bool) -> re.Match[str] | None:
+    """Finds the next run of opening brackets outside brackets (`_JSON_OUTER` group 2) that may start a JSON value.
+
+    Empty pairs are skipped, and with `prose` so are brackets that are not followed by something that can start a
+    JSON value (`[link](url)`, `{x}`). Every step moves past a match.
+
+    Returns:
+        `re.Match` or `None`: The run, or `None` when the text has no more.
+    """
+    while True:
+        opening = _JSON_OPENING.search(text, pos, end)
+        if opening is None:
+            return None
+        match = _JSON_OUTER.match(text, opening.start(), end)
+        if match is None:  # cannot happen: an opening bracket always starts a token
+            return None
+        pos = match.end()
+        if match.lastindex != 1 and (not prose or _JSON_VALUE_START.match(text, pos, end) is not None):
+            return match
+
+
+def _next_inner(text: str, pos: int, end: int) -> re.Match[str] | None:
+    """Finds the next token inside brackets that `scan_json` acts on: a quote, openings or closings.
+
+    Runs of plain characters and simple strings, empty pairs and escape sequences before it are skipped, one regex
+    match per run.
+
+    Returns:
+        `re.Match` or `None`: The `_JSON_INNER` match (group `_QUOTE`, `_OPENINGS` or `_CLOSINGS`), or `None` when the
+        text has no more.
+    """
+    while True:
+        match = _JSON_INNER.search(text, pos, end)
+        if match is None:
+            return None
+        group = match.lastindex
+        if group in _ACTED_ON:
+            return match
+        pos = match.end()
+
+
+def _next_deep(text: str, pos: int, end: int) -> tuple[re.Match[str] | None, int]:
+    """Finds the next token beyond `MAX_DEPTH`, where openings are only counted: a quote, closings or escapes.
+
+    Returns:
+        `tuple[re.Match | None, int]`: The `_JSON_DEEP` match (group 2, 3 or none for escapes), or `None` when the
+        text has no more; and the number of opening brackets in the runs skipped before it.
+    """
+    opened = 0
+    while True:
+        match = _JSON_DEEP.search(text, pos, end)
+        if match is None or match.lastindex != 1:
+            return match, opened
+        pos = match.end()
+        opened += text.count("{", match.start(), pos) + text.count("[", match.start(), pos)
+
+
 def scan_json(
     text: str,
     start: int = 0,
@@ -264,91 +402,47 @@ def scan_json(
     """
     if end is None:
         end = len(text)
-    positions: list[int] = []
-    kinds: list[str] = []
-    kids: list[list[JsonNode] | None] = []
-    overflow = 0
+    stack = _OpenBrackets()
+    positions = stack.positions  # the same list all along, bound once: tested on every token
     pos = start
-    find_opening = _JSON_OPENING.search
-    outer = _JSON_OUTER.match
-    inner = _JSON_INNER.search
-    deep = _JSON_DEEP.search
     while True:
-        if overflow:
-            match = deep(text, pos, end)
+        if stack.overflow:  # beyond MAX_DEPTH
+            match, opened = _next_deep(text, pos, end)
+            stack.overflow += opened
             if match is None:
                 break
-            pos = match.end()
-            group = match.lastindex
-            if group == 1:
-                run = text[match.start() : pos]
-                overflow += run.count("{") + run.count("[")
-                continue
-            group = 5 if group == 3 else group
-        elif positions:
-            match = inner(text, pos, end)
+            # closings; an escape run (no group) is handled as closings too, where inside brackets it is skipped
+            group = _CLOSINGS if match.lastindex == 3 else match.lastindex
+        elif positions:  # inside brackets
+            match = _next_inner(text, pos, end)
             if match is None:
                 break
-            pos = match.end()
             group = match.lastindex
-            if group == 1 or group == 3 or group is None:
-                continue
-        else:
-            opening = find_opening(text, pos, end)
-            if opening is None:
+        else:  # in prose
+            match = _next_outer(text, pos, end, prose)
+            if match is None:
                 break
-            token = outer(text, opening.start(), end)
-            if token is None:  # cannot happen: an opening bracket always starts a token
-                break
-            match = token
-            pos = match.end()
-            if match.lastindex == 1 or (prose and _JSON_VALUE_START.match(text, pos, end) is None):
-                continue  # an empty pair, or a bracket of prose such as `[link](url)` or `{x}`
+            first = match.start()
             if decoded is not None:
-                first = match.start()
                 value = raw_decode(text, first)
                 if value is not None and value[1] <= end:
                     decoded[first] = value[0]
                     pos = value[1]
                     yield (first, pos, None)
                     continue
-            group = 4
-        if group == 2:
+            group = _OPENINGS
+        pos = match.end()
+        if group == _QUOTE:
             pos = _skip_string(text, pos, end, _STRING_BODY, '"')
             if pos < 0:
                 break
-            continue
-        first = match.start()
-        if group == 4:
-            room = min(pos - first, MAX_DEPTH - len(positions))
-            for offset in range(first, first + room):
-                positions.append(offset)
-                kinds.append(text[offset])
-                kids.append(None)
-            overflow += pos - first - room
-            continue
-        offset = first
-        if overflow:
-            closed = min(overflow, pos - first)
-            overflow -= closed
-            offset += closed
-        while offset < pos and positions:
-            if (text[offset] == "}") != (kinds[-1] == "{"):
-                offset += 1
-                continue
-            offset += 1
-            node = (positions.pop(), offset, kids.pop())
-            kinds.pop()
-            if not positions:
+        elif group == _OPENINGS:
+            stack.push(text, match.start(), pos)
+        else:
+            node = stack.close(text, match.start(), pos)
+            if node is not None:
                 yield node
-            elif kids[-1] is None:
-                kids[-1] = [node]
-            else:
-                kids[-1].append(node)
-    for position, children in zip(positions, kids):
-        yield (position, -1, None)
-        if children:
-            yield from children
+    yield from stack.unclosed()
 
 
 class ParenMatcher:

@@ -483,7 +483,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_inference_ext import InferenceModule
-    from trl_inference_ext.backends.huggingface import HuggingFaceBackend
+    from trl_inference_ext.backends.hf import HuggingFaceBackend
 
     repeats = args.repeats or (5 if args.quick else 2)
     use_vllm = "c" in args.rows and not args.no_vllm and importlib.util.find_spec("vllm") is not None

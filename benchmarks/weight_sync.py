@@ -47,7 +47,7 @@ def _core_sets(servers: int) -> list[str]:
 
 def start_server(folder: str, cores: str, lora_rank: int, log: Path) -> Any:
     """A server for `folder` pinned to `cores`, healthy when returned."""
-    from trl_inference_ext.serve import ServeConfig, ServerProcess
+    from trl_inference_ext.backends.vllm.server.launcher import ServeConfig, ServerProcess
 
     config = ServeConfig(
         model=folder,

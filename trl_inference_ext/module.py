@@ -12,6 +12,7 @@ import torch
 from .backends import BACKEND_NAMES, Backend, ScoringConfig, create_backend
 from .backends.capabilities import SupportsAdapterToggling, SupportsTurnCaches
 from .cache import GenerationCache
+from .errors import InvalidTypeError, InvalidValueError, VLLMEngineStartError
 from .model_source import resolve_model_name
 from .sampled_texts import SAMPLED_TEXTS, vocabulary_fingerprint
 from .tokenization import CompletionDecoder, as_batch, check_ids, encode_prompt, encode_response
@@ -63,7 +64,7 @@ class InferenceModule:
         **backend_kwargs: Any,
     ) -> None:
         if backend not in BACKEND_NAMES:
-            raise ValueError(f"`backend` must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
+            raise InvalidValueError(f"`backend` must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
         self._check_common(cache_size, tool_parser)
         backend_object = create_backend(backend, resolve_model_name(model_name), **backend_kwargs)
         self._setup(backend_object, model_name, cache_size, tool_parser)
@@ -90,7 +91,7 @@ class InferenceModule:
             fold_lora (`bool` or `"auto"`, *optional*, defaults to `"auto"`): For a PEFT LoRA model, generate from a
                 decode-time copy of the LoRA layers with the adapters folded in (see `HuggingFaceBackend`).
         """
-        from .backends.huggingface import HuggingFaceBackend
+        from .backends.hf.backend import HuggingFaceBackend
 
         cls._check_common(cache_size, tool_parser)
         backend = HuggingFaceBackend(model, tokenizer, model_name=model_name, fold_lora=fold_lora)
@@ -105,14 +106,14 @@ class InferenceModule:
         """Wraps an existing backend object (any implementation of `backends.Backend`)."""
         cls._check_common(cache_size, tool_parser)
         module = cls.__new__(cls)
-        module._setup(backend, model_name or str(getattr(backend, "model_name", backend.name)), cache_size, tool_parser)
+        module._setup(backend, model_name or backend.model_name, cache_size, tool_parser)
         return module
 
     @staticmethod
     def _check_common(cache_size: int, tool_parser: str) -> None:
         GenerationCache(cache_size)  # validates
         if tool_parser not in PARSER_NAMES:
-            raise ValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {tool_parser!r}.")
+            raise InvalidValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {tool_parser!r}.")
 
     def _setup(self, backend: Backend, model_name: str, cache_size: int, tool_parser: str) -> None:
         self.backend = backend
@@ -138,13 +139,13 @@ class InferenceModule:
     @tool_parser_type.setter
     def tool_parser_type(self, value: str) -> None:
         if value not in PARSER_NAMES:
-            raise ValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {value!r}.")
+            raise InvalidValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {value!r}.")
         self._tool_parser_type = value
 
     @property
     def vocab_size(self) -> int:
         """Number of token ids the model accepts (at least the tokenizer's length)."""
-        return max(len(self.tokenizer), int(getattr(self.backend, "vocab_size", 0) or 0))
+        return max(len(self.tokenizer), self.backend.vocab_size)
 
     @property
     def weights_version(self) -> int:
@@ -215,7 +216,7 @@ class InferenceModule:
         """
         batch = as_batch(prompts, "prompts")
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-            raise TypeError(f"`tools` must be a list of JSON-schema dicts or None, got {tools!r:.80}.")
+            raise InvalidTypeError(f"`tools` must be a list of JSON-schema dicts or None, got {tools!r:.80}.")
         vocab = self.vocab_size
         ids = [
             encode_prompt(self.tokenizer, p, f"prompts[{i}]", vocab_size=vocab, tools=tools)
@@ -224,9 +225,11 @@ class InferenceModule:
         limit = self.backend.max_context_length
         for i, p in enumerate(ids):
             if not p:
-                raise ValueError(f"`prompts[{i}]` is empty after tokenisation; a prompt needs at least one token.")
+                raise InvalidValueError(
+                    f"`prompts[{i}]` is empty after tokenisation; a prompt needs at least one token."
+                )
             if limit is not None and len(p) >= limit:
-                raise ValueError(
+                raise InvalidValueError(
                     f"`prompts[{i}]` has {len(p)} tokens, which does not leave room to generate within the model's "
                     f"context length of {limit}."
                 )
@@ -251,11 +254,11 @@ class InferenceModule:
         if not isinstance(token_ids, (list, tuple)) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in token_ids
         ):
-            raise TypeError(f"`token_ids` must be a list of ints, got {type(token_ids).__name__}.")
+            raise InvalidTypeError(f"`token_ids` must be a list of ints, got {type(token_ids).__name__}.")
         return self._decode(check_ids(token_ids, self.vocab_size, "token_ids"))
 
     def _generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingConfig, use_cache: bool) -> GenerationResult:
-        state = getattr(self.backend, "state_key", None) or (self.backend.weights_version,)
+        state = self.backend.state_key
         if state != self._cache_state:  # stale entries can never be served; free them
             self.cache.clear()
             self._cache_state = state
@@ -322,7 +325,7 @@ class InferenceModule:
         prompt_batch = as_batch(prompts, "prompts")
         response_batch = as_batch(responses, "responses")
         if len(prompt_batch) != len(response_batch):
-            raise ValueError(
+            raise InvalidValueError(
                 f"`prompts` and `responses` must have the same length, got {len(prompt_batch)} and "
                 f"{len(response_batch)}."
             )
@@ -331,7 +334,7 @@ class InferenceModule:
         limit = self.backend.max_context_length
         for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
             if limit is not None and len(p) + len(r) > limit:
-                raise ValueError(
+                raise InvalidValueError(
                     f"`prompts[{i}]` + `responses[{i}]` have {len(p) + len(r)} tokens, more than the model's context "
                     f"length of {limit}."
                 )
@@ -350,7 +353,9 @@ class InferenceModule:
     def _scoring(temperature: float, top_k: int, top_p: float) -> ScoringConfig:
         SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)  # same validation as generation
         if temperature == 0:
-            raise ValueError("`temperature` must be > 0 for scoring (greedy outputs are scored at temperature 1.0).")
+            raise InvalidValueError(
+                "`temperature` must be > 0 for scoring (greedy outputs are scored at temperature 1.0)."
+            )
         return ScoringConfig(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
 
     def get_logprobs(
@@ -416,11 +421,11 @@ class InferenceModule:
             ValueError: If the model has no PEFT adapters, or the backend cannot toggle them.
         """
         if not isinstance(self.backend, SupportsAdapterToggling):
-            raise ValueError(f"The {self.backend.name!r} backend cannot toggle adapters; use the huggingface backend.")
-        from .backends.adapters import check_reference
-
-        check_reference(getattr(self.backend, "model", None), adapter_name)  # fail here, before any scoring call
-        return ReferenceScorer(self, adapter_name)
+            raise InvalidValueError(
+                f"The {self.backend.name!r} backend cannot toggle adapters; use the huggingface backend."
+            )
+        self.backend.check_reference(adapter_name)  # fail here, before any scoring call
+        return ReferenceScorer(self, self.backend, adapter_name)
 
     # ------------------------------------------------------------------------------------------------ tools
     def parse_tool_calls(self, text: str, include_invalid: bool = False) -> list[ToolCall]:
@@ -434,7 +439,7 @@ class InferenceModule:
             include_invalid (`bool`, *optional*, defaults to `False`): Also return malformed calls.
         """
         if not isinstance(text, str):
-            raise TypeError(f"`text` must be a string, got {type(text).__name__}.")
+            raise InvalidTypeError(f"`text` must be a string, got {type(text).__name__}.")
         parser = get_parser(self.tool_parser_type, chat_template=getattr(self.tokenizer, "chat_template", None))
         calls = parser.parse(text)
         return calls if include_invalid else [c for c in calls if c.ok]
@@ -505,13 +510,14 @@ class ReferenceScorer:
     Created by `InferenceModule.reference()`; has the same `get_logprobs` / `get_logits`.
     """
 
-    def __init__(self, module: InferenceModule, adapter_name: str | None) -> None:
+    def __init__(self, module: InferenceModule, backend: SupportsAdapterToggling, adapter_name: str | None) -> None:
         self.module = module
+        self.backend = backend
         self.adapter_name = adapter_name
 
     @contextmanager
     def _active(self) -> Iterator[None]:
-        with torch.no_grad(), self.module.backend.reference_context(self.adapter_name):  # type: ignore[attr-defined]
+        with torch.no_grad(), self.backend.reference_context(self.adapter_name):
             yield
 
     def get_logprobs(self, prompts: Any, responses: Any, **kwargs: Any) -> torch.Tensor | tuple[Any, Any]:
@@ -542,7 +548,7 @@ def choose_backend(device: Any = None) -> tuple[str, str]:
         return "huggingface", "device='cpu' was asked for"
     if not torch.cuda.is_available():
         return "huggingface", "no CUDA GPU (vLLM's CPU build is used only with backend='vllm')"
-    from .backends.vllm import is_vllm_usable
+    from .backends.vllm.backend import is_vllm_usable
 
     if not is_vllm_usable():
         return "huggingface", "vLLM is not installed or does not import"
@@ -569,7 +575,6 @@ def create_inference_module(model_name: str, backend: str = "auto", **kwargs: An
         return InferenceModule(model_name, backend=backend, **kwargs)
     from .backends import backend_option_names
     from .backends.options import check_options
-    from .backends.vllm import VLLMEngineStartError
 
     module_kwargs = {k: kwargs.pop(k) for k in ("cache_size", "tool_parser") if k in kwargs}
     chosen, reason = choose_backend(kwargs.get("device"))

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends.huggingface import hidden_path
+from .backends.hf.backend import hidden_path
+from .errors import InvalidValueError
 from .scoring import kl_penalty, logprobs_from_hidden, selective_logprobs
 
 
@@ -46,10 +47,10 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"`kl_estimator` must be one of 'k1', 'k2', 'k3', got {self.kl_estimator!r}.")
+            raise InvalidValueError(f"`kl_estimator` must be one of 'k1', 'k2', 'k3', got {self.kl_estimator!r}.")
         for name in ("num_ppo_epochs", "num_mini_batches"):
             if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+                raise InvalidValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     """
     lengths = mask.long().sum(dim=1)
     if bool((lengths == 0).any()):
-        raise ValueError("`mask` has a row without real tokens; every response needs at least one token.")
+        raise InvalidValueError("`mask` has a row without real tokens; every response needs at least one token.")
     rewards = -kl_coef * kl * mask.to(kl.dtype)
     last = (torch.arange(rewards.shape[0], device=rewards.device), lengths - 1)
     return rewards.index_put(last, scores.to(rewards.dtype), accumulate=True)

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .errors import InvalidValueError
+
 DEFAULT_CHUNK_BYTES = 128 * 1024 * 1024
 """Budget for one chunk of float32 logits; the number of positions per chunk is derived from it and the vocab size."""
 
@@ -35,7 +37,7 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
         `torch.Tensor`: float32 processed logits of the same shape, `-inf` where a token was dropped.
     """
     if temperature <= 0:
-        raise ValueError(f"`temperature` must be > 0 for scoring, got {temperature}.")
+        raise InvalidValueError(f"`temperature` must be > 0 for scoring, got {temperature}.")
     out = logits.float()
     if temperature != 1.0:
         out = out / temperature
@@ -166,5 +168,5 @@ def kl_penalty(
     elif estimator == "k3":
         kl = torch.expm1(-log_ratio) + log_ratio
     else:
-        raise ValueError(f"`estimator` must be one of 'k1', 'k2', 'k3', got {estimator!r}.")
+        raise InvalidValueError(f"`estimator` must be one of 'k1', 'k2', 'k3', got {estimator!r}.")
     return kl * mask if mask is not None else kl

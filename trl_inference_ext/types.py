@@ -7,6 +7,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .errors import InvalidTypeError, InvalidValueError
+
 if TYPE_CHECKING:  # torch is not needed at run time here: tool workers import this module without it
     import torch
 
@@ -108,21 +110,21 @@ class SamplingConfig:
         _check_int("num_return_sequences", self.num_return_sequences, minimum=1)
         _check_int("top_k", self.top_k, minimum=-1)
         if self.top_k == 0:
-            raise ValueError("`top_k` must be -1 (disabled) or a positive integer, got 0.")
+            raise InvalidValueError("`top_k` must be -1 (disabled) or a positive integer, got 0.")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise TypeError(f"`temperature` must be a float, got {type(self.temperature).__name__}.")
+            raise InvalidTypeError(f"`temperature` must be a float, got {type(self.temperature).__name__}.")
         if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"`temperature` must be a finite float >= 0, got {self.temperature}.")
+            raise InvalidValueError(f"`temperature` must be a finite float >= 0, got {self.temperature}.")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
-            raise TypeError(f"`top_p` must be a float, got {type(self.top_p).__name__}.")
+            raise InvalidTypeError(f"`top_p` must be a float, got {type(self.top_p).__name__}.")
         if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
+            raise InvalidValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
         if not isinstance(self.do_sample, bool):
-            raise TypeError(f"`do_sample` must be a bool, got {type(self.do_sample).__name__}.")
+            raise InvalidTypeError(f"`do_sample` must be a bool, got {type(self.do_sample).__name__}.")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            raise TypeError("`stop` must be a string or a list of non-empty strings.")
+            raise InvalidTypeError("`stop` must be a string or a list of non-empty strings.")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> SamplingConfig:
@@ -135,7 +137,7 @@ class SamplingConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise TypeError(f"Unknown generation argument(s) {unknown}; allowed: {sorted(known)}.")
+            raise InvalidTypeError(f"Unknown generation argument(s) {unknown}; allowed: {sorted(known)}.")
         stop = kwargs.get("stop")
         if stop is None:
             kwargs["stop"] = ()
@@ -173,6 +175,6 @@ class SamplingConfig:
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+        raise InvalidTypeError(f"`{name}` must be an int, got {type(value).__name__}.")
     if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+        raise InvalidValueError(f"`{name}` must be >= {minimum}, got {value}.")

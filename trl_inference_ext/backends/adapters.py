@@ -1,4 +1,7 @@
-"""PEFT adapter toggling: the reference policy is the same weights with adapters off (or a frozen named adapter)."""
+"""PEFT helpers in one place: unwrapping, recognising PEFT models, and adapter toggling for the reference policy.
+
+The reference policy is the same weights with adapters off (or a frozen named adapter): no second copy of the model.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 
-def _peft_model_class() -> type | None:
+from ..errors import InvalidValueError
+
+
+def unwrap_model(model: Any) -> Any:
+    """The model under DDP / DeepSpeed engine wrappers (`model` itself when it is not wrapped); PEFT wrappers stay."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def peft_model_class() -> type | None:
+    """`peft.PeftModel`, or `None` when `peft` is not installed."""
     try:
         from peft import PeftModel
     except ImportError:
@@ -15,12 +30,15 @@ def _peft_model_class() -> type | None:
     return PeftModel
 
 
+def is_peft_wrapper(model: Any) -> bool:
+    """Whether `model` is a `peft.PeftModel` (not transformers' own adapter integration)."""
+    peft_cls = peft_model_class()
+    return peft_cls is not None and isinstance(model, peft_cls)
+
+
 def is_peft_model(model: Any) -> bool:
     """Whether `model` is a `peft.PeftModel` or a transformers model with PEFT adapters loaded."""
-    peft_cls = _peft_model_class()
-    return (peft_cls is not None and isinstance(model, peft_cls)) or bool(
-        getattr(model, "_hf_peft_config_loaded", False)
-    )
+    return is_peft_wrapper(model) or bool(getattr(model, "_hf_peft_config_loaded", False))
 
 
 def base_model(model: Any) -> Any:
@@ -53,13 +71,13 @@ def check_reference(model: Any, adapter_name: str | None = None) -> None:
             unknown.
     """
     if not is_peft_model(model):
-        raise ValueError(
+        raise InvalidValueError(
             "`reference()` needs a PEFT model: without adapters the reference would be the policy itself. Wrap the "
             "model with a LoRA adapter (`peft_config=`), or score with a separate frozen `InferenceModule`."
         )
     names = adapter_names(model)
     if adapter_name is not None and adapter_name not in names:
-        raise ValueError(f"`adapter_name` must be one of {names}, got {adapter_name!r}.")
+        raise InvalidValueError(f"`adapter_name` must be one of {names}, got {adapter_name!r}.")
 
 
 @contextmanager
@@ -76,10 +94,9 @@ def reference_adapters(model: Any, adapter_name: str | None = None) -> Iterator[
         ValueError: If `model` has no adapters or `adapter_name` is unknown.
     """
     check_reference(model, adapter_name)
-    peft_cls = _peft_model_class()
-    is_peft_wrapper = peft_cls is not None and isinstance(model, peft_cls)
+    wrapper = is_peft_wrapper(model)
     if adapter_name is None:
-        if is_peft_wrapper:
+        if wrapper:
             with model.disable_adapter():
                 yield
         else:
@@ -90,7 +107,7 @@ def reference_adapters(model: Any, adapter_name: str | None = None) -> Iterator[
                 model.enable_adapters()
         return
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    previous = model.active_adapter if is_peft_wrapper else model.active_adapters()[0]
+    previous = model.active_adapter if wrapper else model.active_adapters()[0]
     model.set_adapter(adapter_name)
     try:
         yield

@@ -45,14 +45,33 @@ class ScoringConfig:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What `InferenceModule` needs from an inference engine."""
+    """Everything `InferenceModule` needs from an inference engine.
+
+    Optional abilities (weight pushes, adapter toggling, per-turn KV caches) are the protocols of `capabilities`;
+    callers check for them with `isinstance`, never by probing attribute names.
+    """
 
     name: str
+    """The backend's name in `BACKENDS` (`"huggingface"`, `"vllm"`)."""
+    model_name: str
+    """The model's folder or identifier, reported in result metadata."""
     tokenizer: Any
+    """The tokenizer whose ids the backend takes and returns."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the model accepts (may exceed the tokenizer's length when the head is padded)."""
+        ...
 
     @property
     def weights_version(self) -> int:
-        """Monotonic counter, bumped on every weight change; part of every cache key."""
+        """Monotonic counter, bumped on every weight change."""
+        ...
+
+    @property
+    def state_key(self) -> tuple[Any, ...]:
+        """Hashable description of everything a generation depends on besides the request (the weights version,
+        the active adapters); part of every cache key."""
         ...
 
     @property

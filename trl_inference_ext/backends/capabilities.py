@@ -34,9 +34,25 @@ class SupportsWeightPush(Protocol):
 
 
 @runtime_checkable
+class RunsLocalModel(Protocol):
+    """A backend that runs a `torch.nn.Module` of this process (Hugging Face): weight changes made to that module
+    (an optimizer step) are seen by the next call without any push."""
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The module that generates and scores (PEFT-wrapped when the user's model is)."""
+        ...
+
+
+@runtime_checkable
 class SupportsAdapterToggling(Protocol):
     """A backend that can score with a PEFT model's adapters turned off (or another adapter on), for the reference
     policy without a second copy of the model."""
+
+    def check_reference(self, adapter_name: str | None = None) -> None:
+        """Raises `InvalidValueError` unless `reference_context(adapter_name)` can run (the model has adapters, and
+        `adapter_name` is one of them)."""
+        ...
 
     def reference_context(self, adapter_name: str | None = None) -> AbstractContextManager[None]:
         """A context in which the backend runs the reference policy."""
@@ -53,4 +69,4 @@ class SupportsTurnCaches(Protocol):
         ...
 
 
-__all__ = ["SupportsAdapterToggling", "SupportsTurnCaches", "SupportsWeightPush"]
+__all__ = ["RunsLocalModel", "SupportsAdapterToggling", "SupportsTurnCaches", "SupportsWeightPush"]

@@ -10,6 +10,8 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..errors import InvalidValueError
+
 
 def check_options(backend: str, options: Mapping[str, Any], valid: Iterable[str], *, listed: str | None = None) -> None:
     """Raises if `options` holds a keyword that `backend` does not accept.
@@ -32,7 +34,7 @@ def check_options(backend: str, options: Mapping[str, Any], valid: Iterable[str]
         close = difflib.get_close_matches(name, allowed, n=1)
         hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     plural = "s" * (len(unknown) > 1)
-    raise ValueError(
+    raise InvalidValueError(
         f"Unknown option{plural} for the {backend} backend: {', '.join(hints)}. "
         f"Valid options: {listed or ', '.join(allowed)}."
     )

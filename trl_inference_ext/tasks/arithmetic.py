@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import InvalidValueError
 from ..tools.parsers import get_format
 
 MAX_EXPRESSION_CHARS = 200
@@ -42,10 +43,10 @@ def calculator(expression: str) -> str:
         expression: The arithmetic expression to evaluate, e.g. "12 * (3 + 4)".
     """
     if not isinstance(expression, str) or len(expression) > MAX_EXPRESSION_CHARS:
-        raise ValueError(f"expression must be a string of at most {MAX_EXPRESSION_CHARS} characters")
+        raise InvalidValueError(f"expression must be a string of at most {MAX_EXPRESSION_CHARS} characters")
     tree = ast.parse(expression.strip(), mode="eval")
     if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
-        raise ValueError("expression is too long")
+        raise InvalidValueError("expression is too long")
     value = _evaluate(tree.body)
     return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
 
@@ -59,9 +60,9 @@ def _evaluate(node: ast.AST) -> float:
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _evaluate(node.left), _evaluate(node.right)
         if abs(left) > 1e12 or abs(right) > 1e12:
-            raise ValueError("numbers are too large")
+            raise InvalidValueError("numbers are too large")
         return _BINARY[type(node.op)](left, right)
-    raise ValueError(f"unsupported expression element: {type(node).__name__}")
+    raise InvalidValueError(f"unsupported expression element: {type(node).__name__}")
 
 
 def worked_example(tool_parser: str = "hermes") -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import InvalidValueError
 from ..types import ToolCall
 from .isolation import ToolProcessPool
 from .worker import Outcome, outcome
@@ -93,18 +94,20 @@ class ToolExecutor:
         max_output_chars: int = MAX_OUTPUT_CHARS,
     ) -> None:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"`tool_timeout` must be > 0, got {timeout!r}.")
+            raise InvalidValueError(f"`tool_timeout` must be > 0, got {timeout!r}.")
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
-            raise ValueError(f"`max_workers` must be an int >= 1, got {max_workers!r}.")
+            raise InvalidValueError(f"`max_workers` must be an int >= 1, got {max_workers!r}.")
         if isolation not in ISOLATIONS:
-            raise ValueError(f"`tool_isolation` must be one of {list(ISOLATIONS)}, got {isolation!r}.")
+            raise InvalidValueError(f"`tool_isolation` must be one of {list(ISOLATIONS)}, got {isolation!r}.")
         if memory_limit is not None:
             if isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit < 1:
-                raise ValueError(f"`tool_memory_limit` must be a positive number of bytes, got {memory_limit!r}.")
+                raise InvalidValueError(
+                    f"`tool_memory_limit` must be a positive number of bytes, got {memory_limit!r}."
+                )
             if isolation != "process":
-                raise ValueError("`tool_memory_limit` needs `tool_isolation='process'`.")
+                raise InvalidValueError("`tool_memory_limit` needs `tool_isolation='process'`.")
         if isinstance(max_output_chars, bool) or not isinstance(max_output_chars, int) or max_output_chars < 1:
-            raise ValueError(f"`max_tool_output_chars` must be an int >= 1, got {max_output_chars!r}.")
+            raise InvalidValueError(f"`max_tool_output_chars` must be an int >= 1, got {max_output_chars!r}.")
         self.functions = dict(functions)
         self.timeout = float(timeout)
         self.max_workers = max_workers

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import InvalidTypeError, OperationError
 from . import worker as _worker_module
 from .worker import Outcome
 
@@ -61,7 +62,7 @@ def dump_functions(functions: dict[str, Callable[..., Any]]) -> bytes:
             except Exception as err:  # PicklingError, AttributeError ("Can't pickle local object"), TypeError
                 reason = f"it cannot be pickled ({type(err).__name__}: {err})"
         if reason:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"Tool {name!r} cannot be sent to a worker process: {reason}. With `isolation='process'` a tool must "
                 "be a function defined at the top level of an importable module (not a lambda, a closure or a "
                 "function defined inside another function) or a picklable callable object. Move it to a module, or "
@@ -196,7 +197,7 @@ class ToolProcessPool:
             return
         detail = message.get("error") if message else _describe_exit(w.process)
         self.close()  # a configuration error: every worker would fail the same way
-        raise RuntimeError(
+        raise OperationError(
             f"A tool worker could not load the tools: {detail}. A worker is a new interpreter: each tool must be "
             "importable there (defined at the top level of a module on `sys.path`, outside any "
             "`if __name__ == '__main__':` block)."
@@ -225,7 +226,7 @@ class ToolProcessPool:
         if not jobs:
             return []
         if not self._finalizer.alive:
-            raise RuntimeError("The tool executor is closed.")
+            raise OperationError("The tool executor is closed.")
         for w in [w for w in self._workers if w.process.exitcode is not None]:  # died while idle
             self._retire([w], replace=False)
         wanted = min(self.max_workers, len(jobs))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..errors import InvalidTypeError
 from .parsers import get_format
 
 _PROBE_NAME = "trl_inference_ext_probe_tool"
@@ -85,7 +86,7 @@ def build_tool_prompt(tokenizer: Any, prompt: Any, schemas: list[dict[str, Any]]
     if isinstance(prompt, str):
         return f"{preamble}\n\n{prompt}"
     if not (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt)):
-        raise TypeError("With `available_tools`, prompts must be strings or chat message lists, not token ids.")
+        raise InvalidTypeError("With `available_tools`, prompts must be strings or chat message lists, not token ids.")
     messages = [dict(m) for m in prompt]
     if template_renders_tools(tokenizer):
         encoded = tokenizer.apply_chat_template(

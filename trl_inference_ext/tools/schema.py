@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..errors import InvalidTypeError, InvalidValueError
+
 _SIMPLE_TYPES = {
     "string": "string",
     "str": "string",
@@ -32,14 +34,14 @@ def _simple_parameters(parameters: dict[str, Any], where: str) -> dict[str, Any]
     for key, value in parameters.items():
         if isinstance(value, str):
             if value.lower() not in _SIMPLE_TYPES:
-                raise ValueError(
+                raise InvalidValueError(
                     f"`{where}.parameters.{key}` has unknown type {value!r}; use one of {sorted(_SIMPLE_TYPES)}."
                 )
             properties[key] = {"type": _SIMPLE_TYPES[value.lower()]}
         elif isinstance(value, dict):
             properties[key] = value
         else:
-            raise TypeError(f"`{where}.parameters.{key}` must be a type name or a JSON schema dict.")
+            raise InvalidTypeError(f"`{where}.parameters.{key}` must be a type name or a JSON schema dict.")
     return {"type": "object", "properties": properties, "required": list(properties)}
 
 
@@ -61,16 +63,18 @@ def normalize_tool(tool: Any, where: str = "available_tools[0]") -> dict[str, An
         try:
             return get_json_schema(tool)
         except Exception as err:  # transformers raises its own DocstringParsingException / TypeHintParsingException
-            raise ValueError(f"`{where}` ({getattr(tool, '__name__', tool)!r}) cannot be described: {err}") from err
+            raise InvalidValueError(
+                f"`{where}` ({getattr(tool, '__name__', tool)!r}) cannot be described: {err}"
+            ) from err
     if not isinstance(tool, dict):
-        raise TypeError(f"`{where}` must be a dict or a callable, got {type(tool).__name__}.")
+        raise InvalidTypeError(f"`{where}` must be a dict or a callable, got {type(tool).__name__}.")
     function = tool["function"] if tool.get("type") == "function" and isinstance(tool.get("function"), dict) else tool
     name = function.get("name")
     if not isinstance(name, str) or not name:
-        raise ValueError(f"`{where}` needs a non-empty string 'name'.")
+        raise InvalidValueError(f"`{where}` needs a non-empty string 'name'.")
     parameters = function.get("parameters") or {}
     if not isinstance(parameters, dict):
-        raise TypeError(f"`{where}.parameters` must be a dict.")
+        raise InvalidTypeError(f"`{where}.parameters` must be a dict.")
     if parameters.get("type") != "object":
         parameters = _simple_parameters(parameters, where)
     return {
@@ -88,12 +92,12 @@ def normalize_tools(tools: Sequence[Any] | None) -> list[dict[str, Any]]:
     if tools is None:
         return []
     if isinstance(tools, (dict, str)) or not isinstance(tools, Sequence):
-        raise TypeError(f"`available_tools` must be a list of tool definitions, got {type(tools).__name__}.")
+        raise InvalidTypeError(f"`available_tools` must be a list of tool definitions, got {type(tools).__name__}.")
     schemas = [normalize_tool(t, f"available_tools[{i}]") for i, t in enumerate(tools)]
     names = [s["function"]["name"] for s in schemas]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"`available_tools` has duplicate tool names: {duplicates}.")
+        raise InvalidValueError(f"`available_tools` has duplicate tool names: {duplicates}.")
     return schemas
 
 

@@ -8,6 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..backends.capabilities import SupportsWeightPush
+from ..errors import InvalidTypeError, InvalidValueError
 from ..module import InferenceModule
 
 
@@ -25,9 +26,9 @@ class InferenceSyncCallback(TrainerCallback):
 
     def __init__(self, inference: InferenceModule, every_n_steps: int = 1) -> None:
         if not isinstance(inference, InferenceModule):
-            raise TypeError(f"`inference` must be an InferenceModule, got {type(inference).__name__}.")
+            raise InvalidTypeError(f"`inference` must be an InferenceModule, got {type(inference).__name__}.")
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+            raise InvalidValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
         self.inference = inference
         self.every_n_steps = every_n_steps
         self.syncs = 0

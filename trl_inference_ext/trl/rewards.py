@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from ..errors import InvalidValueError
 from ..tools.parsers import get_parser
 from ..tools.schema import normalize_tools
 from ..tools.validation import argument_errors
@@ -85,7 +86,7 @@ def tool_success_reward(no_call: float = 0.0) -> RewardFunction:
     def tool_success(completions: Sequence[Any], **kwargs: Any) -> list[float]:
         results = kwargs.get("tool_results")
         if results is None:
-            raise ValueError("`tool_success_reward` needs `tool_results`: use `rollout_func(tools=...)`.")
+            raise InvalidValueError("`tool_success_reward` needs `tool_results`: use `rollout_func(tools=...)`.")
         return [sum(bool(r.get("ok")) for r in rs) / len(rs) if rs else no_call for rs in results]
 
     return tool_success

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InvalidValueError
+
 _PASSTHROUGH = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "stop", "seed")
 
 
@@ -22,9 +24,11 @@ def sampling_from_trl_args(args: Any, overrides: dict[str, Any] | None = None) -
         ValueError: For `min_p`, `repetition_penalty != 1` or an unsupported `generation_kwargs` key.
     """
     if getattr(args, "min_p", None):
-        raise ValueError("`min_p` is not supported by trl_inference_ext's samplers; unset it in the config.")
+        raise InvalidValueError("`min_p` is not supported by trl_inference_ext's samplers; unset it in the config.")
     if getattr(args, "repetition_penalty", 1.0) not in (None, 1.0):
-        raise ValueError("`repetition_penalty` is not supported by trl_inference_ext's samplers; keep it at 1.0.")
+        raise InvalidValueError(
+            "`repetition_penalty` is not supported by trl_inference_ext's samplers; keep it at 1.0."
+        )
     top_k = getattr(args, "top_k", None)
     sampling: dict[str, Any] = {
         "temperature": float(getattr(args, "temperature", 1.0)),
@@ -36,7 +40,9 @@ def sampling_from_trl_args(args: Any, overrides: dict[str, Any] | None = None) -
     extra = dict(getattr(args, "generation_kwargs", None) or {})
     unsupported = sorted(set(extra) - set(_PASSTHROUGH))
     if unsupported:
-        raise ValueError(f"`generation_kwargs` keys {unsupported} are not supported; allowed: {list(_PASSTHROUGH)}.")
+        raise InvalidValueError(
+            f"`generation_kwargs` keys {unsupported} are not supported; allowed: {list(_PASSTHROUGH)}."
+        )
     sampling.update(extra)
     sampling.update(overrides or {})
     return sampling

@@ -18,6 +18,8 @@ in `registry.FORMATS`; `get_format(name).render(calls)` writes calls the way its
 
 Every parser returns all calls in order of position, malformed ones included (see `TOOL_CALL_STATUSES`), never
 raises, ignores `<think>...</think>` reasoning, runs in linear time, and ignores input past `MAX_INPUT_CHARS`.
+
+May import `...types` and `...errors` only: parsers read untrusted text and nothing else.
 """
 
 from __future__ import annotations

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ...errors import InvalidValueError
 from ...types import ToolCall
 
 _NUMBER_OR_LITERAL_START = frozenset('-0123456789tfn"[{')
 
 
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+    raise InvalidValueError(f"{name} is not valid JSON")
 
 
 _DECODER = json.JSONDecoder(strict=False, parse_constant=_reject_constant)

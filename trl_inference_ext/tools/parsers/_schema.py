@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ...errors import InvalidTypeError, InvalidValueError
 from ._decode import decode_scalar, loads
 
 MAX_LITERAL_CHARS = 65536
@@ -39,16 +40,16 @@ def index_tool_schemas(tool_schemas: ToolSchemas | None) -> dict[str, dict[str, 
     if tool_schemas is None:
         return {}
     if isinstance(tool_schemas, (str, bytes, Mapping)) or not isinstance(tool_schemas, Sequence):
-        raise TypeError(f"`tool_schemas` must be a list of dicts, got {type(tool_schemas).__name__}.")
+        raise InvalidTypeError(f"`tool_schemas` must be a list of dicts, got {type(tool_schemas).__name__}.")
     index: dict[str, dict[str, Any]] = {}
     for position, schema in enumerate(tool_schemas):
         if not isinstance(schema, Mapping):
-            raise TypeError(f"`tool_schemas[{position}]` must be a dict, got {type(schema).__name__}.")
+            raise InvalidTypeError(f"`tool_schemas[{position}]` must be a dict, got {type(schema).__name__}.")
         function = schema.get("function")
         definition = function if isinstance(function, Mapping) else schema
         name = definition.get("name")
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"`tool_schemas[{position}]` has no tool name.")
+            raise InvalidValueError(f"`tool_schemas[{position}]` has no tool name.")
         index[name.strip()] = _properties(definition.get("parameters"))
     return index
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from keyword import iskeyword
 from typing import Any
 
+from ...errors import InvalidValueError
 from ...types import ToolCall
 from ._decode import make_call
 from ._format import Call, ToolFormat
@@ -167,10 +168,10 @@ def render_function(calls: Sequence[Call]) -> str:
     written = []
     for name, arguments in calls:
         if not _DOTTED_NAME.fullmatch(name) or any(iskeyword(part) for part in name.split(".")):
-            raise ValueError(f"{name!r} is not a Python call name")
+            raise InvalidValueError(f"{name!r} is not a Python call name")
         for key in arguments:
             if not key.isidentifier() or iskeyword(key):
-                raise ValueError(f"{key!r} is not a Python keyword argument name")
+                raise InvalidValueError(f"{key!r} is not a Python keyword argument name")
         written.append(f"{name}({', '.join(f'{key}={value!r}' for key, value in arguments.items())})")
     return written[0] if len(written) == 1 else f"[{', '.join(written)}]" if written else ""
 

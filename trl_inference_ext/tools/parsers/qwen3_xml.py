@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ...errors import InvalidValueError
 from ...types import ToolCall
 from ._decode import make_call
 from ._format import Call, ToolFormat, dump_json
@@ -204,7 +205,7 @@ class Qwen3XmlParser(ToolParser):
 
 def _written_name(name: str, what: str) -> str:
     if not name or name != name.strip() or any(char in name for char in "<>\n"):
-        raise ValueError(f"{name!r} cannot be written as a {what} name")
+        raise InvalidValueError(f"{name!r} cannot be written as a {what} name")
     return name
 
 

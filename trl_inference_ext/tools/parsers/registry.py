@@ -7,6 +7,7 @@ a new format is added by writing its module (parser, renderer, instruction, mark
 
 from __future__ import annotations
 
+from ...errors import InvalidValueError
 from . import function, hermes, json_format, llama3_json, mistral, qwen3_xml, xml_format
 from ._format import ToolFormat
 from ._scan import THINK_CLOSE, THINK_OPEN
@@ -47,7 +48,7 @@ def normalize_name(name: str) -> str:
     """
     key = name.strip().lower().replace("-", "_") if isinstance(name, str) else None
     if key not in PARSER_NAMES:
-        raise ValueError(f"Unknown `tool_parser` {name!r}; expected one of: {', '.join(PARSER_NAMES)}.")
+        raise InvalidValueError(f"Unknown `tool_parser` {name!r}; expected one of: {', '.join(PARSER_NAMES)}.")
     return key
 
 

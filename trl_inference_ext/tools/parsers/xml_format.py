@@ -22,6 +22,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from ...errors import InvalidValueError
 from ...types import ToolCall
 from ._decode import make_call
 from ._format import Call, ToolFormat, dump_json
@@ -232,7 +233,7 @@ def render_xml(calls: Sequence[Call]) -> str:
 def _written_name(name: str) -> str:
     escaped = html.escape(name, quote=True)
     if not name or name != name.strip() or len(escaped) > 256:
-        raise ValueError(f"{name!r} cannot be written as an XML name attribute")
+        raise InvalidValueError(f"{name!r} cannot be written as an XML name attribute")
     return escaped
 
 

@@ -47,6 +47,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ...errors import InvalidValueError
+
 logger = logging.getLogger(__name__)
 
 FOLD_MEMORY_FRACTION = 0.2
@@ -62,7 +64,7 @@ _NO_FORWARD = object()
 def check_fold_mode(enabled: Any, name: str = "fold_lora") -> None:
     """Raises `ValueError` unless `enabled` is `True`, `False` or `"auto"`."""
     if not (isinstance(enabled, bool) or (isinstance(enabled, str) and enabled == "auto")):
-        raise ValueError(f"`{name}` must be True, False or 'auto', got {enabled!r}.")
+        raise InvalidValueError(f"`{name}` must be True, False or 'auto', got {enabled!r}.")
 
 
 def _lora_linear_class() -> type | None:
@@ -199,6 +201,12 @@ def _routed_forward(layer: torch.nn.Module, fallback: Any) -> Any:
     return forward
 
 
+def routed_layers() -> int:
+    """Number of layers whose `forward` is routed through a fold right now (0 outside every `applied()` block)."""
+    with _INSTALL_LOCK:
+        return len(_INSTALLED)
+
+
 def _install(layers: list[torch.nn.Module]) -> None:
     with _INSTALL_LOCK:
         for layer in layers:
@@ -254,7 +262,7 @@ class LoraFold:
     ) -> None:
         check_fold_mode(enabled, "enabled")
         if not 0.0 < memory_fraction <= 1.0:
-            raise ValueError(f"`memory_fraction` must be in (0, 1], got {memory_fraction!r}.")
+            raise InvalidValueError(f"`memory_fraction` must be in (0, 1], got {memory_fraction!r}.")
         self.model = model
         self.enabled = enabled
         self.memory_fraction = memory_fraction

@@ -7,8 +7,8 @@ side drives vLLM's `NCCLTrainerWeightTransferEngine` through the server's weight
 
 Each server gets its own NCCL group (this process is rank 0, the server's workers follow), opened at the first push
 on a free port of `master_address` (an address of this machine that the servers can reach). NCCL writes straight into
-the served weights, so unlike `HTTPChunks` nothing is staged: the whole transfer happens in phase 2 of
-`vllm_push.push_weights`, while the server is paused, and a transfer that fails half-way leaves it paused (never
+the served weights, so unlike `HttpChunkTransfer` nothing is staged: the whole transfer happens in phase 2 of
+`push.push_weights`, while the server is paused, and a transfer that fails half-way leaves it paused (never
 serving a mix). LoRA adapters are small; they travel as HTTP chunks (`send_adapter`).
 
 Needs CUDA on both sides and the servers' GPUs able to reach this machine's (NCCL over the network or NVLink).
@@ -25,13 +25,16 @@ from typing import Any
 
 import torch
 
-from .vllm_lora import AdapterExport
-from .vllm_push import HTTPChunks
-from .vllm_server import VLLMServerClient
-from .vllm_weights import NamedTensors
+from ....errors import InvalidValueError, OperationError
+from ..client import VLLMServerClient
+from .checks import NamedTensors
+from .http_chunks import HttpChunkTransfer
+from .lora import AdapterExport
 
 SERVER_FLAG = "--weight-transfer nccl"
-"""What `trl-inference serve` needs to start a server this transport can reach."""
+"""What `trl-inference serve` needs to start a server this transfer can reach."""
+NCCL_ADDRESS_ENV = "TRL_INFERENCE_NCCL_ADDRESS"
+"""The address of this machine that servers reach for the NCCL rendezvous (default: derived from its host name)."""
 
 
 class _KeyedWeightSyncClient:
@@ -72,7 +75,7 @@ def _weight_source(weights: NamedTensors, device: torch.device) -> Any:
     return PushedWeights()
 
 
-class NCCLBroadcast:
+class NcclTransfer:
     """Pushes weights with vLLM's NCCL weight-transfer engine (see the module docstring).
 
     Args:
@@ -80,13 +83,14 @@ class NCCLBroadcast:
             host name for remote servers, `127.0.0.1` for servers on the loopback interface).
         device (`str` or `torch.device`, *optional*, defaults to `"cuda"`): The GPU this side broadcasts from.
         packed (`bool`, *optional*, defaults to `True`): vLLM's packed broadcast (tensors batched into buffers).
-        chunk_bytes (`int`, *optional*): Bytes per HTTP chunk for LoRA adapters (see `HTTPChunks`).
+        chunk_bytes (`int`, *optional*): Bytes per HTTP chunk for LoRA adapters (see `HttpChunkTransfer`).
 
     Raises:
         RuntimeError: If CUDA is not available here.
     """
 
     name = "nccl"
+    needs_worker_extension = False
 
     def __init__(
         self,
@@ -96,21 +100,21 @@ class NCCLBroadcast:
         chunk_bytes: int | None = None,
     ) -> None:
         if not torch.cuda.is_available():
-            raise RuntimeError(
+            raise OperationError(
                 "`weight_transfer='nccl'` needs a CUDA GPU on the trainer's side (and servers started with "
                 f"`trl-inference serve ... {SERVER_FLAG}` on GPUs); on CPU use 'http' or 'filesystem'."
             )
         if master_address is not None and (not isinstance(master_address, str) or not master_address):
-            raise ValueError(f"`master_address` must be a host name or IP address, got {master_address!r}.")
+            raise InvalidValueError(f"`master_address` must be a host name or IP address, got {master_address!r}.")
         self.master_address = master_address
         self.device = torch.device(device)
         self.packed = bool(packed)
-        self._adapters = HTTPChunks() if chunk_bytes is None else HTTPChunks(chunk_bytes)
+        self._adapters = HttpChunkTransfer() if chunk_bytes is None else HttpChunkTransfer(chunk_bytes)
         self._engines: dict[str, Any] = {}
         self._pending: dict[str, NamedTensors] = {}
         self._lock = threading.Lock()  # one broadcast at a time on this GPU
 
-    # ----------------------------------------------------------------------------- ServerWeightTransport
+    # ---------------------------------------------------------------------------------- WeightTransfer
     def send_weights(
         self, clients: Sequence[VLLMServerClient], weights: NamedTensors, session: str
     ) -> dict[str, BaseException]:
@@ -129,7 +133,7 @@ class NCCLBroadcast:
         """Broadcasts the pushed weights into the (paused) server, which loads them layer by layer."""
         weights = self._pending.get(session)
         if weights is None or len(weights) != count:
-            raise RuntimeError(f"No pushed weights of session {session!r} to broadcast.")
+            raise OperationError(f"No pushed weights of session {session!r} to broadcast.")
         engine = self._engines[client.base_url]
         with self._lock:
             engine.source = _weight_source(weights, self.device)
@@ -144,8 +148,18 @@ class NCCLBroadcast:
     def send_adapter(
         self, clients: Sequence[VLLMServerClient], adapter: AdapterExport, session: str
     ) -> tuple[dict[str, str], dict[str, BaseException]]:
-        """Sends the (small) adapter as HTTP chunks; see `HTTPChunks.send_adapter`."""
+        """Sends the (small) adapter as HTTP chunks; see `HttpChunkTransfer.send_adapter`."""
         return self._adapters.send_adapter(clients, adapter, session)
+
+    def finish(self, kind: str, session: str) -> None:
+        """Nothing to clean up (the newest push's tensors are kept until the next push replaces them)."""
+
+    def send_remedy(self) -> str:
+        """Where to look when the NCCL group of a server could not be opened."""
+        return (
+            f"Check that it was started with `trl-inference serve ... {SERVER_FLAG}` on a GPU and that it reaches "
+            f"this machine at the address in ${{{NCCL_ADDRESS_ENV}}} (or this host's name)."
+        )
 
     def close(self) -> None:
         """Closes every NCCL group (best effort: a server may be gone)."""

@@ -5,7 +5,7 @@
 Starts vLLM's OpenAI-compatible server with what this package needs: processed log-probs (so sampled log-probs
 equal scoring), the weight-sync routes (`VLLM_SERVER_DEV_MODE=1`) with the worker extension that receives weights
 over HTTP, LoRA adapters when `--lora-rank` is given, and on the CPU build a KV cache sized in bytes. Every route,
-the weight routes included, requires the API key (`serve_auth.APIKeyMiddleware`; vLLM's own `--api-key` guards only
+the weight routes included, requires the API key (`server.auth.APIKeyMiddleware`; vLLM's own `--api-key` guards only
 `/v1`). Without `--api-key` (or `VLLM_API_KEY` in the environment) a random key is made and printed. The server
 listens on the loopback interface unless `--host` says otherwise. Once it is healthy, the URL and the
 `InferenceModule(...)` line that connects to it are printed; Ctrl-C stops it (the whole process group).
@@ -32,12 +32,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from .backends.vllm_worker import WORKER_EXTENSION
-from .serve_auth import API_KEY_ENV
+from ....errors import InvalidValueError, OperationError, ServerTimeoutError
+from .auth import API_KEY_ENV
+from .worker import WORKER_EXTENSION
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The `--max-lora-rank` values vLLM builds LoRA buffers for (another value fails at engine start)."""
-MIDDLEWARE = "trl_inference_ext.serve_auth.APIKeyMiddleware"
+MIDDLEWARE = "trl_inference_ext.backends.vllm.server.auth.APIKeyMiddleware"
 """The `--middleware` value that requires the API key on every route."""
 DEFAULT_PORT = 8000
 DEFAULT_STARTUP_TIMEOUT = 900.0
@@ -145,7 +146,7 @@ def _memory_arguments(config: ServeConfig) -> list[str]:
         return ["--kv-cache-memory-bytes", str(config.kv_cache_memory_bytes)]
     if config.gpu_memory_utilization is not None:
         return ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
-    from .backends.vllm import engine_memory_settings
+    from ..backend import engine_memory_settings
 
     settings = engine_memory_settings(None, None)  # a byte budget on the CPU build, vLLM's share on a GPU
     if "kv_cache_memory_bytes" in settings:
@@ -158,7 +159,7 @@ def _scheduler_arguments(config: ServeConfig) -> list[str]:
     `backends.vllm.cpu_scheduler_settings`), unless the extra arguments choose."""
     if any("chunked-prefill" in arg for arg in config.extra_args):
         return []
-    from .backends.vllm import cpu_scheduler_settings
+    from ..backend import cpu_scheduler_settings
 
     return ["--no-enable-chunked-prefill"] if cpu_scheduler_settings({}) else []
 
@@ -201,11 +202,11 @@ class ServerProcess:
         while True:
             code = self.process.poll()
             if code is not None:
-                raise RuntimeError(f"The vLLM server exited with status {code} before it was ready.")
+                raise OperationError(f"The vLLM server exited with status {code} before it was ready.")
             if is_healthy(self._probe_url(), timeout=2.0):
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"The vLLM server at {self.config.url} was not healthy after {timeout:.0f} s.")
+                raise ServerTimeoutError(f"The vLLM server at {self.config.url} was not healthy after {timeout:.0f} s.")
             time.sleep(0.5)
 
     def _probe_url(self) -> str:
@@ -328,11 +329,11 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str]) -> tuple[Se
         ValueError: If an option is out of range.
     """
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+        raise InvalidValueError(f"--port must be in 1..65535, got {args.port}")
     lora_rank = args.lora_rank
     if lora_rank is not None:
         if not 1 <= lora_rank <= VLLM_LORA_RANKS[-1]:
-            raise ValueError(f"--lora-rank must be in 1..{VLLM_LORA_RANKS[-1]}, got {lora_rank}")
+            raise InvalidValueError(f"--lora-rank must be in 1..{VLLM_LORA_RANKS[-1]}, got {lora_rank}")
         lora_rank = next(r for r in VLLM_LORA_RANKS if r >= lora_rank)  # a bound: a rank-4 adapter serves under 8
     key = args.api_key or os.environ.get(API_KEY_ENV, "")
     generated = not key

@@ -2,7 +2,7 @@
 
 `AsyncGRPOTrainer(weight_transfer=...)` streams the trainer's weights through any object with
 `init_weight_transfer / pause / send_weights / resume / destroy`. TRL's default sends them over NCCL, which needs a
-GPU on both sides; `VLLMWeightTransfer` sends them the ways `VLLMBackend` does (HTTP chunks, needing no shared
+GPU on both sides; `ServerWeightSync` sends them the ways `VLLMBackend` does (HTTP chunks, needing no shared
 filesystem, or a shared folder) to one or several servers started with `trl-inference serve`.
 """
 
@@ -15,18 +15,20 @@ from typing import Any
 
 import torch
 
-from ..backends.vllm import VLLMBackend
+from ..backends.vllm.backend import VLLMBackend
+from ..errors import InvalidValueError
 from ..module import InferenceModule
 
 logger = logging.getLogger(__name__)
 
 
-class VLLMWeightTransfer:
-    """Implements TRL's `WeightTransferProtocol` with `VLLMBackend`'s server transports.
+class ServerWeightSync:
+    """Implements TRL's `WeightTransferProtocol` with `VLLMBackend`'s weight transfers to servers.
 
     Args:
         target (`InferenceModule`, `VLLMBackend`, `str` or `list[str]`): Where weights go: a module or backend in
-            server mode (its servers, transport and API key are used), or server URLs (then `model_name` is needed).
+            server mode (its servers, weight transfer and API key are used), or server URLs (then `model_name` is
+            needed).
         model_name (`str`, *optional*): The served model's folder or id (for URLs: the tokenizer is loaded from it).
         **backend_kwargs: `VLLMBackend` options when `target` is URLs, e.g. `api_key=`, `weight_transfer=`,
             `weight_transfer_dir=`.
@@ -34,10 +36,10 @@ class VLLMWeightTransfer:
     Example:
         ```python
         from trl.experimental.async_grpo import AsyncGRPOTrainer
-        from trl_inference_ext.trl import VLLMWeightTransfer
+        from trl_inference_ext.trl import ServerWeightSync
 
-        transfer = VLLMWeightTransfer(["http://10.0.0.2:8000", "http://10.0.0.3:8000"], model_name=MODEL,
-                                      api_key=KEY)
+        transfer = ServerWeightSync(["http://10.0.0.2:8000", "http://10.0.0.3:8000"], model_name=MODEL,
+                                    api_key=KEY)
         trainer = AsyncGRPOTrainer(..., weight_transfer=transfer)
         ```
     """
@@ -54,10 +56,12 @@ class VLLMWeightTransfer:
             backend = target
         else:
             if model_name is None:
-                raise ValueError("`model_name` is needed when `target` is server URLs.")
+                raise InvalidValueError("`model_name` is needed when `target` is server URLs.")
             backend = VLLMBackend(model_name, base_url=target, **backend_kwargs)
         if not isinstance(backend, VLLMBackend) or backend.servers is None:
-            raise ValueError("`target` must be vLLM servers: a `VLLMBackend` / `InferenceModule` with `base_url`.")
+            raise InvalidValueError(
+                "`target` must be vLLM servers: a `VLLMBackend` / `InferenceModule` with `base_url`."
+            )
         self.backend: VLLMBackend = backend
         self.syncs = 0
         self._paused: list[Any] = []
@@ -75,7 +79,7 @@ class VLLMWeightTransfer:
         logger.info(
             "Weight transfer to %s ready (%s, engine dtype %s).",
             servers.base_urls,
-            servers.weight_transport.name,
+            servers.weight_transfer.name,
             target.dtype,
         )
 
@@ -114,3 +118,7 @@ class VLLMWeightTransfer:
     def _live(self) -> list[Any]:
         servers = self.backend.servers
         return [] if servers is None else servers.live
+
+
+VLLMWeightTransfer = ServerWeightSync
+"""The former name of `ServerWeightSync`, kept for existing code (it is no `weights.transfer.WeightTransfer`)."""

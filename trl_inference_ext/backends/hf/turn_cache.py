@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ...errors import InvalidValueError
+
 TURN_CACHE_MEMORY_FRACTION = 0.1
 """Default cap of a `TurnCache`: this fraction of the device's free memory when the cache is opened."""
 
@@ -53,7 +55,7 @@ class TurnCache:
 
     def __init__(self, max_bytes: int) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"`max_bytes` must be an int >= 0, got {max_bytes!r}.")
+            raise InvalidValueError(f"`max_bytes` must be an int >= 0, got {max_bytes!r}.")
         self.max_bytes = max_bytes
         self._entries: dict[tuple[int, ...], TurnEntry] = {}
         self._state_key: Any = None
@@ -114,7 +116,7 @@ class TurnCache:
             return True
         entry = TurnEntry(len(key), tuple(keys), tuple(values))
         if any(t.shape[1] != entry.length for t in (*entry.keys, *entry.values)):
-            raise ValueError(f"Keys and values must cover the {entry.length} token ids given.")
+            raise InvalidValueError(f"Keys and values must cover the {entry.length} token ids given.")
         if self._bytes + entry.nbytes > self.max_bytes:
             return False
         self._entries[key] = entry

@@ -1,26 +1,26 @@
-"""Where `VLLMBackend`'s requests and weight pushes go: the transport interface.
+"""Where `VLLMBackend`'s requests and weight pushes go: the connection interface.
 
 `VLLMBackend` plans requests (greedy repeats, seeds, scoring chunks), validates pushed weights and pads results; a
-transport only carries them. Two implement it: `vllm_engine.EngineTransport` (a `vllm.LLM` in this process) and
-`vllm_pool.ServerPool` (one or more vLLM servers, with spreading and failover).
+connection only carries them. Two implement it: `engine.InProcessEngine` (a `vllm.LLM` in this process) and
+`pool.ServerPool` (one or more vLLM servers, with spreading and failover).
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from ..types import SamplingConfig
-from .vllm_lora import AdapterExport
-from .vllm_push import PushReport, WeightTarget
-from .vllm_sampling import Completion
-from .vllm_weights import NamedTensors
+from ...types import SamplingConfig
+from .sampling import Completion
+from .weights.checks import NamedTensors
+from .weights.lora import AdapterExport
+from .weights.transfer import PushReport, WeightTarget
 
 
-class VLLMTransport(Protocol):
+class EngineConnection(Protocol):
     """The few operations `VLLMBackend` needs from wherever vLLM runs.
 
     `groups` give a group key per request: requests of one group share a prefix (the samples of one prompt, the
-    scoring prefixes of one sequence), and a transport with several servers keeps a group on one of them.
+    scoring prefixes of one sequence), and a connection with several servers keeps a group on one of them.
     """
 
     @property

@@ -12,7 +12,7 @@ vLLM is the distributed engine; this module adds only what a client of several s
   reports the weight version of the latest push (it only lost its connection), or it took part in a new push. A
   restarted server reports vLLM's default version, so it waits for the next push.
 - **Weights.** `push_weights` / `push_adapter` send to every server that is in service or healthy again
-  (`vllm_push`); servers the push could not reach are dropped with the reason.
+  (`weights.push`); servers the push could not reach are dropped with the reason.
 
 A pool of one server is the single-server client.
 """
@@ -27,21 +27,14 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from .vllm_lora import AdapterExport
-from .vllm_push import (
-    HTTPChunks,
-    PushReport,
-    ServerWeightTransport,
-    WeightPushError,
-    WeightTarget,
-    describe_server,
-    dtype_from_name,
-    push_adapter,
-    push_weights,
-)
-from .vllm_server import CompletionRequests, VLLMServerClient, VLLMServerUnusableError
-from .vllm_weights import DEFAULT_PACKED_MODULES, NamedTensors
-from .vllm_worker import WORKER_EXTENSION
+from ...errors import InvalidValueError, NoServerLeftError, VLLMServerUnusableError, WeightPushError
+from .client import CompletionRequests, VLLMServerClient
+from .server.worker import WORKER_EXTENSION
+from .weights.checks import DEFAULT_PACKED_MODULES, NamedTensors
+from .weights.http_chunks import HttpChunkTransfer
+from .weights.lora import AdapterExport
+from .weights.push import describe_server, dtype_from_name, push_adapter, push_weights
+from .weights.transfer import PushReport, WeightTarget, WeightTransfer
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +42,12 @@ DEFAULT_VERSION = "default"
 """The weight version a vLLM server reports before any push (`/weight_info`)."""
 
 
-class NoServerLeftError(ConnectionError):
-    """Every server of a pool is out of service; the message says why each one was dropped."""
-
-
 class ServerPool(CompletionRequests):
     """Generates, scores and receives weights through one or more vLLM servers.
 
     Args:
         clients (`Sequence[VLLMServerClient]`): One client per server (distinct URLs).
-        weight_transport (`ServerWeightTransport`, *optional*): How pushed weights travel (default: `HTTPChunks()`).
+        weight_transfer (`WeightTransfer`, *optional*): How pushed weights travel (default: `HttpChunkTransfer()`).
         readmit_interval (`float`, *optional*, defaults to 5.0): Seconds between two health probes of the dropped
             servers (probes run at the start of a batch).
     """
@@ -66,16 +55,16 @@ class ServerPool(CompletionRequests):
     def __init__(
         self,
         clients: Sequence[VLLMServerClient],
-        weight_transport: ServerWeightTransport | None = None,
+        weight_transfer: WeightTransfer | None = None,
         readmit_interval: float = 5.0,
     ) -> None:
         urls = [c.base_url for c in clients]
         if not urls:
-            raise ValueError("A server pool needs at least one server.")
+            raise InvalidValueError("A server pool needs at least one server.")
         if len(set(urls)) != len(urls):
-            raise ValueError(f"The same server is listed twice in {urls}.")
+            raise InvalidValueError(f"The same server is listed twice in {urls}.")
         self.clients = list(clients)
-        self.weight_transport: ServerWeightTransport = weight_transport or HTTPChunks()
+        self.weight_transfer: WeightTransfer = weight_transfer or HttpChunkTransfer()
         self.readmit_interval = readmit_interval
         self.dropped: dict[str, str] = {}
         """URL -> why the server is out of service."""
@@ -211,7 +200,7 @@ class ServerPool(CompletionRequests):
             return []
         keys = list(range(len(payloads))) if groups is None else list(groups)
         if len(keys) != len(payloads):
-            raise ValueError(f"`groups` has {len(keys)} entries for {len(payloads)} payloads.")
+            raise InvalidValueError(f"`groups` has {len(keys)} entries for {len(payloads)} payloads.")
         members: dict[int, list[int]] = {}
         for index, key in enumerate(keys):
             members.setdefault(key, []).append(index)
@@ -274,7 +263,7 @@ class ServerPool(CompletionRequests):
         client = self._reachable()
         info = describe_server(client)
         if info is None:
-            if isinstance(self.weight_transport, HTTPChunks):
+            if self.weight_transfer.needs_worker_extension:
                 raise WeightPushError(
                     f"The vLLM server at {client.base_url} lacks the worker extension that receives weights over "
                     f"HTTP. Start it with `trl-inference serve MODEL` (or add `--worker-extension-cls "
@@ -293,23 +282,23 @@ class ServerPool(CompletionRequests):
         )
 
     def push_weights(self, weights: NamedTensors, version: str, target: WeightTarget) -> PushReport:
-        """Pushes checked weights to every server in service or healthy again (see `vllm_push.push_weights`).
+        """Pushes checked weights to every server in service or healthy again (see `weights.push.push_weights`).
 
         Raises:
             WeightPushError: If no server took the weights (the message names each server and what to do).
         """
         clients = self._push_targets()
-        report = push_weights(clients, weights, self.weight_transport, version, target)
+        report = push_weights(clients, weights, self.weight_transfer, version, target)
         return self._after_push(report, version, "weights")
 
     def push_adapter(self, adapter: AdapterExport, version: str) -> PushReport:
-        """Pushes a LoRA adapter to every server in service or healthy again (see `vllm_push.push_adapter`).
+        """Pushes a LoRA adapter to every server in service or healthy again (see `weights.push.push_adapter`).
 
         Raises:
             WeightPushError: If no server took the adapter.
         """
         clients = self._push_targets()
-        report = push_adapter(clients, adapter, self.weight_transport, version)
+        report = push_adapter(clients, adapter, self.weight_transfer, version)
         return self._after_push(report, version, "LoRA adapter")
 
     def _push_targets(self) -> list[VLLMServerClient]:
@@ -359,8 +348,8 @@ class ServerPool(CompletionRequests):
             client.max_concurrent_requests = count
 
     def close(self) -> None:
-        """Releases what the weight transport holds (e.g. NCCL groups); connections are per request."""
-        self.weight_transport.close()
+        """Releases what the weight transfer holds (e.g. NCCL groups); connections are per request."""
+        self.weight_transfer.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base_urls!r}, dropped={sorted(self.dropped)!r})"

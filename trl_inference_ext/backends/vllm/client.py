@@ -7,8 +7,8 @@ redacted from the message.
 
 `CompletionRequests` turns generation and scoring into `/v1/completions` bodies and reads the answers back; how the
 bodies reach a server is its subclass's `complete`: one server here (`VLLMServerClient`), several in
-`vllm_pool.ServerPool`. `VLLMServerClient` also drives the routes a weight push needs (`/pause`, `/collective_rpc`,
-...; see `vllm_push`).
+`pool.ServerPool`. `VLLMServerClient` also drives the routes a weight push needs (`/pause`, `/collective_rpc`,
+...; see `weights.push`).
 """
 
 from __future__ import annotations
@@ -24,29 +24,19 @@ from typing import Any
 
 import torch
 
-from ..types import SamplingConfig
-from .vllm_sampling import Completion, finish_reason, sampler_settings
+from ...errors import (
+    InvalidValueError,
+    OperationError,
+    ServerConnectionError,
+    ServerTimeoutError,
+    VLLMServerError,
+    VLLMServerUnusableError,
+)
+from ...types import SamplingConfig
+from .sampling import Completion, finish_reason, sampler_settings
 
 _RETRY_STATUSES = (502, 503, 504)
 _ERROR_BODY_CHARS = 500
-
-
-class VLLMServerUnusableError(RuntimeError):
-    """A server is left out of service: a weight push to it failed, so it may hold old or partly loaded weights."""
-
-
-class VLLMServerError(RuntimeError):
-    """A vLLM server answered with an HTTP error status.
-
-    Attributes:
-        status (`int`): The HTTP status code.
-        body (`str`): The start of the response body.
-    """
-
-    def __init__(self, message: str, status: int, body: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = body
 
 
 # ------------------------------------------------------------------------------------------------ payloads
@@ -136,7 +126,7 @@ def parse_choices(choices: list[dict[str, Any]], with_logprobs: bool) -> list[Co
         if with_logprobs:
             values = (choice.get("logprobs") or {}).get("token_logprobs") or []
             if len(values) != len(ids):
-                raise RuntimeError(f"The server returned {len(values)} log-probs for {len(ids)} tokens.")
+                raise OperationError(f"The server returned {len(values)} log-probs for {len(ids)} tokens.")
             logprobs = torch.tensor([float(v) for v in values], dtype=torch.float32)
         seqs.append((ids, finish_reason(choice.get("finish_reason")), logprobs))
     return seqs
@@ -160,7 +150,7 @@ def parse_prompt_logprobs(entries: list[dict[str, Any] | None], ids: list[int]) 
         entry = entries[j] or {}
         item = entry.get(str(ids[j]))
         if item is None:
-            raise RuntimeError(f"The server returned no prompt log-prob for token {ids[j]} at position {j}.")
+            raise OperationError(f"The server returned no prompt log-prob for token {ids[j]} at position {j}.")
         values.append(float(item["logprob"]))
     return values
 
@@ -181,7 +171,7 @@ def parse_token_logprob(choice: dict[str, Any], token: int) -> float:
     top = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0] or {}
     value = top.get(f"token_id:{token}")
     if value is None:
-        raise RuntimeError(f"The server returned no log-prob for token {token}; is it a vLLM server?")
+        raise OperationError(f"The server returned no log-prob for token {token}; is it a vLLM server?")
     return float(value)
 
 
@@ -315,7 +305,7 @@ class VLLMServerClient(CompletionRequests):
             if chosen is None and len(models) == 1:
                 chosen = models[0]
             if chosen is None:
-                raise ValueError(
+                raise InvalidValueError(
                     f"The server at {self.base_url} serves {ids}; none is {self.model_name!r}. Pass the served "
                     f"model id as `model_name`."
                 )
@@ -416,14 +406,14 @@ class VLLMServerClient(CompletionRequests):
                     f"vLLM server {method} {self.base_url}{path} failed with HTTP {err.code}: {text}", err.code, text
                 ) from None
             except TimeoutError as err:
-                raise TimeoutError(f"vLLM server {method} {url} did not answer within {wait:g} s.") from err
+                raise ServerTimeoutError(f"vLLM server {method} {url} did not answer within {wait:g} s.") from err
             except urllib.error.URLError as err:
                 if isinstance(err.reason, TimeoutError):
-                    raise TimeoutError(f"vLLM server {method} {url} did not answer within {wait:g} s.") from err
+                    raise ServerTimeoutError(f"vLLM server {method} {url} did not answer within {wait:g} s.") from err
                 last_error = f"{type(err.reason).__name__}: {err.reason}"
             except (ConnectionError, HTTPException) as err:
                 last_error = f"{type(err).__name__}: {err}"
-        raise ConnectionError(
+        raise ServerConnectionError(
             f"Could not reach the vLLM server at {self.base_url} after {retries + 1} attempt(s): {last_error}"
         )
 
@@ -441,7 +431,7 @@ class VLLMServerClient(CompletionRequests):
 
         Args:
             method (`str`): The worker method, e.g. `"reload_weights"` or a `trl_` method of
-                `vllm_worker.WeightSyncExtension`.
+                `server.worker.WeightSyncExtension`.
             *args (`str`): Its arguments (the route passes strings only).
             timeout (`float`, *optional*): Seconds for the call (default: `self.timeout`).
 
@@ -473,7 +463,7 @@ class VLLMServerClient(CompletionRequests):
         """
         answer = self.request("POST", "/reset_prefix_cache", params={"reset_running_requests": "true"}, max_retries=0)
         if answer.get("success") is False:
-            raise RuntimeError(f"The vLLM server at {self.base_url} could not reset its prefix cache.")
+            raise OperationError(f"The vLLM server at {self.base_url} could not reset its prefix cache.")
 
     def weight_version(self) -> str | None:
         """The weight version the server reports (`/weight_info`); `"default"` until a push set one."""

@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from .adapters import _peft_model_class
-from .huggingface import _unwrap
+from ...adapters import is_peft_wrapper, unwrap_model
 
 ADAPTER_NAME = "trl-policy"
 """Name the pushed adapter is served under (requests name it as their `model`)."""
@@ -56,8 +55,8 @@ def adapter_unsupported_reason(model: torch.nn.Module, max_lora_rank: int | None
     Returns:
         `str` or `None`: A one-line reason (e.g. "the engine runs without --enable-lora").
     """
-    peft_model: Any = _unwrap(model)
-    if not _is_peft_model_instance(peft_model):
+    peft_model: Any = unwrap_model(model)
+    if not is_peft_wrapper(peft_model):
         return "the model is not a peft.PeftModel"
     if max_lora_rank is None:
         return "the vLLM engine runs without LoRA (`enable_lora=True` / `--enable-lora`)"
@@ -104,7 +103,7 @@ def export_adapter(model: torch.nn.Module) -> AdapterExport:
     """
     from peft import get_peft_model_state_dict
 
-    peft_model = _unwrap(model)
+    peft_model = unwrap_model(model)
     (name,) = _active_adapters(peft_model)
     state = get_peft_model_state_dict(peft_model, adapter_name=name)
     config = peft_model.peft_config[name]
@@ -113,12 +112,6 @@ def export_adapter(model: torch.nn.Module) -> AdapterExport:
     fields["inference_mode"] = True
     tensors = {k: v.detach() for k, v in state.items()}
     return AdapterExport(tensors=tensors, config=json.dumps(fields, indent=2, default=str), rank=_max_rank(config))
-
-
-def _is_peft_model_instance(model: Any) -> bool:
-    """Whether `model` is a `peft.PeftModel` (not transformers' own adapter integration, which cannot export)."""
-    peft_class = _peft_model_class()
-    return peft_class is not None and isinstance(model, peft_class)
 
 
 def _active_adapters(peft_model: torch.nn.Module) -> list[str]:

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from ..scoring import process_logits
-from ..types import SamplingConfig
-from .adapters import base_model
-from .base import SequenceOutput
-from .cpu_decoding import cpu_decoding, project_to_vocab
+from ...scoring import process_logits
+from ...types import SamplingConfig
+from ..adapters import base_model
+from ..base import SequenceOutput
+from .cpu_kernels import cpu_decoding, project_to_vocab
 from .turn_cache import TurnCache, TurnEntry
 
 BUCKET_RATIO = 0.8
@@ -107,7 +107,7 @@ def length_buckets(lengths: list[int], ratio: float = BUCKET_RATIO) -> list[list
     return buckets
 
 
-def _uses_plain_dynamic_cache(model: Any) -> bool:
+def uses_plain_dynamic_cache(model: Any) -> bool:
     """Whether the model's default cache is made of plain `DynamicLayer`s (no sliding window, no hybrid layers)."""
     try:
         layers = DynamicCache(config=base_model(model).config).layers
@@ -130,7 +130,7 @@ def _prefill(
         reused = None
         if len(length_buckets([len(p) for p in prompt_ids])) == 1:
             return _prefill_padded(model, spec, prompt_ids)
-    if not _uses_plain_dynamic_cache(model):
+    if not uses_plain_dynamic_cache(model):
         return _prefill_padded(model, spec, prompt_ids)
     fresh = [i for i in range(len(prompt_ids)) if reused is None or reused[i] is None]
     groups = [[fresh[i] for i in b] for b in length_buckets([len(prompt_ids[i]) for i in fresh])]
@@ -268,6 +268,176 @@ def _forward(model: Any, spec: DecodeSpec, **inputs: Any) -> tuple[Any, torch.Te
     return out.past_key_values, project_to_vocab(out.last_hidden_state[:, -1, :], head)
 
 
+@dataclass
+class _Completions:
+    """What `_sample` gathers for each row (prompt-major, `n` rows per prompt) while it decodes.
+
+    Attributes:
+        budgets (`list[int]`): Most tokens each row may generate.
+        tokens (`list[list[int]]`): Tokens sampled so far.
+        logprobs (`list[list[torch.Tensor]]`): Their log-probs (0-d CPU tensors), with `return_logprobs`.
+        logits (`list[list[torch.Tensor]]`): The processed logits they were sampled from (CPU), with `return_logits`.
+        finish (`list[str]`): `"stop"` once a row stopped, else `"length"`.
+    """
+
+    budgets: list[int]
+    tokens: list[list[int]] = field(init=False)
+    logprobs: list[list[torch.Tensor]] = field(init=False)
+    logits: list[list[torch.Tensor]] = field(init=False)
+    finish: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        rows = len(self.budgets)
+        self.tokens = [[] for _ in range(rows)]
+        self.logprobs = [[] for _ in range(rows)]
+        self.logits = [[] for _ in range(rows)]
+        self.finish = ["length"] * rows
+
+    def outputs(self, n: int, sampling: SamplingConfig) -> list[SequenceOutput]:
+        """The completions, prompt-major; a row without tokens gets empty log-probs (with `return_logprobs`).
+
+        Args:
+            n (`int`): Rows per prompt.
+            sampling (`SamplingConfig`): Says whether log-probs and logits are returned.
+        """
+        outputs = []
+        for row, (tokens, logprobs, logits) in enumerate(zip(self.tokens, self.logprobs, self.logits)):
+            if sampling.return_logprobs:
+                row_logprobs: torch.Tensor | None = torch.stack(logprobs) if logprobs else torch.zeros(0)
+            else:
+                row_logprobs = None
+            outputs.append(
+                SequenceOutput(
+                    prompt_index=row // n,
+                    token_ids=tokens,
+                    finish_reason=self.finish[row],
+                    logprobs=row_logprobs,
+                    logits=torch.stack(logits) if sampling.return_logits and logits else None,
+                )
+            )
+        return outputs
+
+
+def _token_budgets(prompt_ids: list[list[int]], sampling: SamplingConfig, spec: DecodeSpec) -> list[int]:
+    """Each row's token budget (`n` rows per prompt): `max_new_tokens`, cut to the room left in the context."""
+    n = sampling.num_return_sequences
+    if spec.max_context_length is None:
+        return [sampling.max_new_tokens] * (len(prompt_ids) * n)
+    limit = spec.max_context_length
+    return [max(0, min(sampling.max_new_tokens, limit - len(p))) for p in prompt_ids for _ in range(n)]
+
+
+def _prefill_rows(
+    model: Any,
+    spec: DecodeSpec,
+    prompt_ids: list[list[int]],
+    budgets: list[int],
+    n: int,
+    turn_cache: TurnCache | None,
+    state_key: Any,
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefills each prompt once, repeats the result for its `n` rows and keeps the rows that may generate.
+
+    Args:
+        model (`torch.nn.Module`): The causal LM.
+        spec (`DecodeSpec`): Model-level facts.
+        prompt_ids (`list[list[int]]`): The prompts.
+        budgets (`list[int]`): Token budget of each row (`n` per prompt); rows without any are dropped.
+        n (`int`): Rows per prompt.
+        turn_cache (`TurnCache`, *optional*): Entries to start prompts from (taken out of it).
+        state_key (`Any`): The weights and adapter state, with which `turn_cache` entries must agree.
+
+    Returns:
+        `tuple`: For the kept rows, in row order: the KV cache, the last-position logits, the attention mask, the
+        position of the next token, and the row indices (CPU).
+    """
+    reused = turn_cache.take(prompt_ids, state_key) if turn_cache is not None else None
+    cache, logits, mask = _prefill(model, spec, prompt_ids, reused)
+    del reused
+    next_pos = mask.sum(-1)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits, mask, next_pos = (t.repeat_interleave(n, dim=0) for t in (logits, mask, next_pos))
+    rows = torch.arange(len(budgets))
+    alive = [r for r in range(len(budgets)) if budgets[r] > 0]
+    if len(alive) < len(budgets):
+        keep = torch.tensor(alive, dtype=torch.long)
+        cache.batch_select_indices(keep.to(spec.device))
+        rows, logits, mask, next_pos = rows[keep], logits[keep.to(logits.device)], mask[keep], next_pos[keep]
+    return cache, logits, mask, next_pos, rows
+
+
+def _choose_tokens(
+    logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Picks each live row's next token from its logits (greedy, or sampled from the processed distribution).
+
+    Args:
+        logits (`torch.Tensor`): `[rows, V]` raw last-position logits.
+        sampling (`SamplingConfig`): Validated sampling settings.
+        generator (`torch.Generator`, *optional*): Source of randomness, for seeded sampling.
+
+    Returns:
+        `tuple`: The `[rows]` tokens (on the logits' device); their `[rows]` log-probs on CPU (`None` without
+        `return_logprobs`); the `[rows, V]` processed logits on CPU (`None` without `return_logits`).
+    """
+    if sampling.greedy:
+        processed = logits.float()
+        next_tokens = processed.argmax(dim=-1)
+    else:
+        processed = process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        next_tokens = sample_from_logits(processed, generator)
+    step_lp = None
+    if sampling.return_logprobs:
+        step_lp = processed.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(processed, dim=-1)
+        step_lp = step_lp.cpu()
+    step_logits = processed.cpu() if sampling.return_logits else None
+    return next_tokens, step_lp, step_logits
+
+
+def _record_step(
+    done: _Completions,
+    rows: list[int],
+    next_tokens: list[int],
+    step_lp: torch.Tensor | None,
+    step_logits: torch.Tensor | None,
+    spec: DecodeSpec,
+    on_stop: Callable[[int, int], None] | None,
+) -> list[int]:
+    """Appends one token to each live row and settles which rows go on.
+
+    A row stops at an EOS token or when `spec.stop_checker` accepts its tokens, and ends once its budget is spent.
+
+    Args:
+        done (`_Completions`): Where the tokens, log-probs and logits go.
+        rows (`list[int]`): The row of each batch entry.
+        next_tokens (`list[int]`): The token of each batch entry.
+        step_lp (`torch.Tensor`, *optional*): Their log-probs (with `return_logprobs`).
+        step_logits (`torch.Tensor`, *optional*): Their processed logits (with `return_logits`).
+        spec (`DecodeSpec`): EOS ids and stop-string checker.
+        on_stop (`Callable[[int, int], None]`, *optional*): Called with `(row, batch entry)` when a row stops.
+
+    Returns:
+        `list[int]`: The batch entries whose rows go on.
+    """
+    tokens, logprobs, logits, finish, budgets = done.tokens, done.logprobs, done.logits, done.finish, done.budgets
+    eos_token_ids, stop_checker = spec.eos_token_ids, spec.stop_checker
+    keep_local: list[int] = []
+    for j, (row, token) in enumerate(zip(rows, next_tokens)):
+        tokens[row].append(token)
+        if step_lp is not None:
+            logprobs[row].append(step_lp[j])
+        if step_logits is not None:
+            logits[row].append(step_logits[j])
+        if token in eos_token_ids or (stop_checker is not None and stop_checker(tokens[row])):
+            finish[row] = "stop"
+            if on_stop is not None:
+                on_stop(row, j)
+        elif len(tokens[row]) < budgets[row]:
+            keep_local.append(j)
+    return keep_local
+
+
 def _sample(
     model: Any,
     prompt_ids: list[list[int]],
@@ -276,62 +446,24 @@ def _sample(
     turn_cache: TurnCache | None,
     state_key: Any,
 ) -> list[SequenceOutput]:
+    """`sample` without its no-grad and CPU-kernel context: a prefill, then per step tokens, bookkeeping, a forward."""
     n = sampling.num_return_sequences
-    rows_total = len(prompt_ids) * n
-    budgets = [
-        sampling.max_new_tokens
-        if spec.max_context_length is None
-        else max(0, min(sampling.max_new_tokens, spec.max_context_length - len(p)))
-        for p in prompt_ids
-        for _ in range(n)
-    ]
-    tokens: list[list[int]] = [[] for _ in range(rows_total)]
-    logprobs: list[list[torch.Tensor]] = [[] for _ in range(rows_total)]
-    logits_out: list[list[torch.Tensor]] = [[] for _ in range(rows_total)]
-    finish = ["length"] * rows_total
+    done = _Completions(_token_budgets(prompt_ids, sampling, spec))
     generator = None
     if sampling.seed is not None and not sampling.greedy:
         generator = torch.Generator(device=spec.device).manual_seed(sampling.seed)
+    cache, logits, mask, next_pos, rows = _prefill_rows(model, spec, prompt_ids, done.budgets, n, turn_cache, state_key)
 
-    reused = turn_cache.take(prompt_ids, state_key) if turn_cache is not None else None
-    cache, logits, mask = _prefill(model, spec, prompt_ids, reused)
-    del reused
-    next_pos = mask.sum(-1)
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-        logits, mask, next_pos = (t.repeat_interleave(n, dim=0) for t in (logits, mask, next_pos))
-    rows = torch.arange(rows_total)
-    alive = [r for r in range(rows_total) if budgets[r] > 0]
-    if len(alive) < rows_total:
-        keep = torch.tensor(alive, dtype=torch.long)
-        cache.batch_select_indices(keep.to(spec.device))
-        rows, logits, mask, next_pos = rows[keep], logits[keep.to(logits.device)], mask[keep], next_pos[keep]
+    def keep_turn(row: int, j: int) -> None:
+        """Stores a stopped row in `turn_cache` from the current `cache` and `mask` (read when called)."""
+        assert turn_cache is not None
+        # its last token was never run: the cache covers all before it
+        _keep_turn(turn_cache, prompt_ids[row // n] + done.tokens[row][:-1], cache, mask, j)
 
+    on_stop = keep_turn if turn_cache is not None else None
     while len(rows) > 0:
-        processed = (
-            logits.float()
-            if sampling.greedy
-            else process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-        )
-        next_tokens = processed.argmax(dim=-1) if sampling.greedy else sample_from_logits(processed, generator)
-        if sampling.return_logprobs:
-            step_lp = processed.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(processed, dim=-1)
-            step_lp = step_lp.cpu()
-        step_logits = processed.cpu() if sampling.return_logits else None
-
-        keep_local: list[int] = []
-        for j, (row, token) in enumerate(zip(rows.tolist(), next_tokens.tolist())):
-            tokens[row].append(token)
-            if sampling.return_logprobs:
-                logprobs[row].append(step_lp[j])
-            if step_logits is not None:
-                logits_out[row].append(step_logits[j])
-            if token in spec.eos_token_ids or (spec.stop_checker is not None and spec.stop_checker(tokens[row])):
-                finish[row] = "stop"
-                if turn_cache is not None:  # its last token was never run: the cache covers all before it
-                    _keep_turn(turn_cache, prompt_ids[row // n] + tokens[row][:-1], cache, mask, j)
-            elif len(tokens[row]) < budgets[row]:
-                keep_local.append(j)
+        next_tokens, step_lp, step_logits = _choose_tokens(logits, sampling, generator)
+        keep_local = _record_step(done, rows.tolist(), next_tokens.tolist(), step_lp, step_logits, spec, on_stop)
         if not keep_local:
             break
         if len(keep_local) < len(rows):
@@ -350,16 +482,4 @@ def _sample(
             use_cache=True,
         )
         next_pos = next_pos + 1
-
-    return [
-        SequenceOutput(
-            prompt_index=row // n,
-            token_ids=tokens[row],
-            finish_reason=finish[row],
-            logprobs=torch.stack(logprobs[row])
-            if sampling.return_logprobs and logprobs[row]
-            else (torch.zeros(0) if sampling.return_logprobs else None),
-            logits=torch.stack(logits_out[row]) if sampling.return_logits and logits_out[row] else None,
-        )
-        for row in range(rows_total)
-    ]
+    return done.outputs(n, sampling)

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from ..types import SamplingConfig
-from .base import ScoringConfig
+from ...errors import InvalidValueError, OperationError, UnsupportedError
+from ...types import SamplingConfig
+from ..base import ScoringConfig
 
 MAX_TEMPERATURE = 2.0
 """vLLM rejects sampling temperatures above this."""
@@ -35,7 +36,7 @@ def check_sampling(sampling: SamplingConfig) -> None:
         ValueError: If sampling (not greedy) with a temperature outside what vLLM supports.
     """
     if sampling.return_logits:
-        raise NotImplementedError(
+        raise UnsupportedError(
             "The vLLM backend cannot return per-step logits. Use `return_logprobs=True`, or the huggingface backend "
             "for `return_logits=True`."
         )
@@ -53,9 +54,9 @@ def check_temperature(temperature: float) -> None:
         ValueError: If vLLM would reject the temperature, or clamp it and so report wrong log-probs.
     """
     if temperature > MAX_TEMPERATURE:
-        raise ValueError(f"`temperature` must be <= {MAX_TEMPERATURE} with the vLLM backend, got {temperature}.")
+        raise InvalidValueError(f"`temperature` must be <= {MAX_TEMPERATURE} with the vLLM backend, got {temperature}.")
     if temperature < MIN_TEMPERATURE:
-        raise ValueError(
+        raise InvalidValueError(
             f"`temperature` must be 0 (greedy) or >= {MIN_TEMPERATURE} with the vLLM backend (vLLM clamps smaller "
             f"values, which would make the reported log-probs wrong), got {temperature}."
         )
@@ -131,4 +132,4 @@ def finish_reason(reason: str | None) -> str:
         return "length"
     if reason in ("stop", None):
         return "stop"
-    raise RuntimeError(f"vLLM ended a sequence with finish_reason={reason!r} (the request was aborted or failed).")
+    raise OperationError(f"vLLM ended a sequence with finish_reason={reason!r} (the request was aborted or failed).")

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .adapters import is_peft_model
-from .huggingface import _unwrap
+from ....errors import InvalidTypeError, InvalidValueError
+from ...adapters import is_peft_model, unwrap_model
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 """Checkpoint tensors the vLLM loaders skip on purpose; pushing them is harmless, so they are never reported."""
@@ -78,7 +78,7 @@ def check_pushed_weights(
     groups: dict[str, set[str]] = {}  # fused engine parameter -> checkpoint modules pushed for it
     for name, tensor in named_tensors:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise TypeError("`named_tensors` must map parameter names (str) to tensors.")
+            raise InvalidTypeError("`named_tensors` must map parameter names (str) to tensors.")
         if name.endswith(IGNORED_SUFFIXES) or (tied_embeddings and name == "lm_head.weight"):
             continue
         parts = name.split(".")
@@ -93,7 +93,7 @@ def check_pushed_weights(
         weights.append((name, tensor.detach()))
     if unknown:
         examples = sorted(engine_params or ())[:5]
-        raise ValueError(
+        raise InvalidValueError(
             f"{len(unknown)} weight name(s) are unknown to the vLLM model, e.g. {unknown[:5]}. Names must be "
             f"Hugging Face checkpoint names (vLLM's own names look like {examples})."
         )
@@ -101,7 +101,7 @@ def check_pushed_weights(
         packed = engine_name.split(".")[-2]
         missing = [m for m in packed_modules.get(packed, []) if m not in present]
         if missing:
-            raise ValueError(
+            raise InvalidValueError(
                 f"vLLM fuses {packed_modules[packed]} into {engine_name!r}; push them together (missing {missing})."
             )
     return weights
@@ -125,11 +125,11 @@ def merged_checkpoint_weights(model: torch.nn.Module) -> Iterator[NamedTensors]:
     Raises:
         ValueError: If the model has LoRA parameters that cannot be merged (no `merge_adapter()`).
     """
-    unwrapped = _unwrap(model)  # `Any`: PEFT methods are looked up at run time
+    unwrapped = unwrap_model(model)  # `Any`: PEFT methods are looked up at run time
     # transformers' own adapter integration (`model.load_adapter`) cannot merge, so it counts as not mergeable.
     mergeable = is_peft_model(unwrapped) and hasattr(unwrapped, "merge_adapter")
     if not mergeable and any(".lora_" in n for n, _ in unwrapped.named_parameters()):
-        raise ValueError(
+        raise InvalidValueError(
             "The model has LoRA parameters but no `merge_adapter()`; wrap it with `peft.get_peft_model` or merge "
             "the adapters before pushing weights."
         )
@@ -159,9 +159,9 @@ def base_checkpoint_weights(model: torch.nn.Module) -> NamedTensors:
     Returns:
         `list[tuple[str, torch.Tensor]]`: `(checkpoint name, tensor)` pairs.
     """
-    unwrapped = _unwrap(model)
+    unwrapped = unwrap_model(model)
     if any(getattr(m, "merged", False) for m in unwrapped.modules()):
-        raise ValueError("The model's adapters are merged; unmerge them before pushing its base weights.")
+        raise InvalidValueError("The model's adapters are merged; unmerge them before pushing its base weights.")
     weights = []
     for name, param in unwrapped.named_parameters():
         if "modules_to_save" in name.split("."):

@@ -29,7 +29,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .adapters import base_model
+from ..adapters import base_model
 
 GROUPED_SDPA = "trl_inference_ext_grouped_sdpa"
 WEIGHT_MAJOR_MAX_ROWS = 64

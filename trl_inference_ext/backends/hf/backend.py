@@ -10,13 +10,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..scoring import DEFAULT_CHUNK_BYTES, logprobs_from_hidden, process_logits, selective_logprobs
-from ..types import SamplingConfig
-from . import adapters
-from .base import ScoringConfig, SequenceOutput
-from .hf_decoding import DecodeSpec, sample
+from ...errors import InvalidValueError
+from ...scoring import DEFAULT_CHUNK_BYTES, logprobs_from_hidden, process_logits, selective_logprobs
+from ...types import SamplingConfig
+from .. import adapters
+from ..base import ScoringConfig, SequenceOutput
+from ..options import check_options
+from .decoding import DecodeSpec, sample
 from .lora_fold import FOLD_MEMORY_FRACTION, LoraFold, check_fold_mode, free_memory
-from .options import check_options
 from .turn_cache import TURN_CACHE_MEMORY_FRACTION, TurnCache
 
 logger = logging.getLogger(__name__)
@@ -40,14 +41,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         return device
     if not isinstance(device, str) or device.split(":")[0] not in DEVICES:
-        raise ValueError(f"`device` must be one of {list(DEVICES)} (or 'cuda:N'), got {device!r}.")
+        raise InvalidValueError(f"`device` must be one of {list(DEVICES)} (or 'cuda:N'), got {device!r}.")
     if device == "auto":
         from accelerate import PartialState
 
         return PartialState().device
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("`device='cuda'` was requested but CUDA is not available; use 'auto' or 'cpu'.")
+            raise InvalidValueError("`device='cuda'` was requested but CUDA is not available; use 'auto' or 'cpu'.")
         from accelerate import PartialState
 
         return torch.device("cuda", PartialState().local_process_index % torch.cuda.device_count())
@@ -72,12 +73,6 @@ def hidden_path(model: Any) -> tuple[Any, Any] | None:
     if decoder is None or head is None or decoder is causal_lm:
         return None
     return decoder, head
-
-
-def _unwrap(model: Any) -> Any:
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP / DeepSpeed engines
-        model = model.module
-    return model
 
 
 class HuggingFaceBackend:
@@ -129,7 +124,7 @@ class HuggingFaceBackend:
         fold_lora: bool | str = "auto",
     ) -> None:
         check_fold_mode(fold_lora)
-        self.model: Any = _unwrap(model)
+        self.model: Any = adapters.unwrap_model(model)
         self.tokenizer = tokenizer
         self.model_name: str = model_name or str(getattr(getattr(self.model, "config", None), "_name_or_path", "model"))
         self.chunk_bytes = chunk_bytes
@@ -184,7 +179,7 @@ class HuggingFaceBackend:
         check_options(cls.name, model_kwargs, cls.option_names())
         check_fold_mode(fold_lora)
         if dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
+            raise InvalidValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
         target = resolve_device(device)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -254,6 +249,10 @@ class HuggingFaceBackend:
                 ids.update(int(i) for i in source)
         return frozenset(ids)
 
+    def check_reference(self, adapter_name: str | None = None) -> None:
+        """Raises `InvalidValueError` unless the model has adapters to turn off (and `adapter_name`, if given)."""
+        adapters.check_reference(self.model, adapter_name)
+
     @contextmanager
     def reference_context(self, adapter_name: str | None = None) -> Iterator[None]:
         """Runs the block with adapters disabled (or `adapter_name` active), without a second model copy."""
@@ -262,7 +261,7 @@ class HuggingFaceBackend:
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[SequenceOutput]:
-        """Samples completions with the KV-cache-sharing loop in `hf_decoding`."""
+        """Samples completions with the KV-cache-sharing loop in `hf.decoding`."""
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = next(iter(self.eos_token_ids), 0)

@@ -1,4 +1,4 @@
-"""The in-process vLLM engine as a transport: a `vllm.LLM` in this process (colocated with training).
+"""The in-process vLLM engine as an `EngineConnection`: a `vllm.LLM` in this process (colocated with training).
 
 Requests become `vllm.SamplingParams`; weight pushes hand tensors to the model without serialising them when the
 worker shares this process, and through a safetensors file otherwise. A pushed LoRA adapter is written to a private
@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from ..types import SamplingConfig
-from .vllm_lora import ADAPTER_NAME, AdapterExport
-from .vllm_push import PushReport, WeightTarget
-from .vllm_sampling import Completion, finish_reason, sampler_settings
-from .vllm_weights import DEFAULT_PACKED_MODULES, NamedTensors
+from ...errors import OperationError
+from ...types import SamplingConfig
+from .sampling import Completion, finish_reason, sampler_settings
+from .weights.checks import DEFAULT_PACKED_MODULES, NamedTensors
+from .weights.lora import ADAPTER_NAME, AdapterExport
+from .weights.transfer import PushReport, WeightTarget
 
 
 def _entries(logprobs: Any, position: int) -> list[tuple[int, float]]:
@@ -40,10 +41,10 @@ def logprob_of(logprobs: Any, position: int, token: int) -> float:
     for t, lp in _entries(logprobs, position):
         if t == token:
             return float(lp)
-    raise RuntimeError(f"vLLM returned no log-prob for token {token} at position {position}.")
+    raise OperationError(f"vLLM returned no log-prob for token {token} at position {position}.")
 
 
-class EngineTransport:
+class InProcessEngine:
     """Generation, scoring and weight pushes for a `vllm.LLM` running in this process.
 
     Args:
@@ -59,7 +60,7 @@ class EngineTransport:
 
     def _engine(self) -> Any:
         if self.llm is None:
-            raise RuntimeError("This VLLMBackend was closed; create a new one.")
+            raise OperationError("This VLLMBackend was closed; create a new one.")
         return self.llm
 
     # ------------------------------------------------------------------------------------------- requests

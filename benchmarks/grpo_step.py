@@ -11,11 +11,11 @@ generations per step, temperature 0.7, in its own subprocess (its own threads, m
 - `trl-vllm`: TRL's vLLM colocate mode (`use_vllm=True, vllm_mode="colocate"`), run as TRL ships it: where it fails
   on the CPU build the row records the failure instead of a time;
 - `trl-tools` / `ours-tools`: TRL's tool loop (`GRPOTrainer(tools=[calculator])`, `max_tool_calling_iterations=1`)
-  and ours (`rollout_func(tools=[calculator], tool_parser="hermes", max_tool_turns=1)`) on the arithmetic task
-  (`tasks.arithmetic.make_problems(few_shot=True, tool_parser="hermes")`). Both rows use `SMOLLM2_TOOLS_TEMPLATE`:
-  SmolLM2's own chat format plus tool rendering (see there for why), so both render the prompt with
-  `apply_chat_template(tools=...)` and generate from the same tokens (the table shows prompt tokens per step). TRL
-  parses responses with its hermes-style `trl.chat_template_utils.qwen3_template`, set as the tokenizer's
+  and ours (`rollout_func(tools=[calculator], tool_parser="hermes", tool_loop=ToolLoopConfig(max_tool_turns=1))`) on
+  the arithmetic task (`tasks.arithmetic.make_problems(few_shot=True, tool_parser="hermes")`). Both rows use
+  `SMOLLM2_TOOLS_TEMPLATE`: SmolLM2's own chat format plus tool rendering (see there for why), so both render the
+  prompt with `apply_chat_template(tools=...)` and generate from the same tokens (the table shows prompt tokens per
+  step). TRL parses responses with its hermes-style `trl.chat_template_utils.qwen3_template`, set as the tokenizer's
   `response_template`. The table shows each row's call rate;
 - `ours-vllm-tools`: our tool loop on the in-process vLLM engine of `ours-vllm` (the same task and template).
 
@@ -432,7 +432,7 @@ def _train(
 
     from trl_inference_ext.default_model import default_model_path
     from trl_inference_ext.tasks.arithmetic import calculator, correct_answer_reward
-    from trl_inference_ext.trl import rollout_func
+    from trl_inference_ext.trl import ToolLoopConfig, rollout_func
 
     torch.manual_seed(0)
     folder = str(default_model_path())
@@ -497,7 +497,8 @@ def _train(
             )
             report["engine_start_s"] = time.perf_counter() - begin
         with_tools = row.endswith("-tools")
-        tools = {"tools": [calculator], "tool_parser": "hermes", "max_tool_turns": 1} if with_tools else {}
+        tool_loop = ToolLoopConfig(max_tool_turns=1)
+        tools = {"tools": [calculator], "tool_parser": "hermes", "tool_loop": tool_loop} if with_tools else {}
         kwargs["rollout_func"] = timed_rollout(rollout_func(inference=inference, **tools), timer)
 
     begin = time.perf_counter()

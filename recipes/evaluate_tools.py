@@ -15,7 +15,10 @@ import argparse
 import json
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trl_inference_ext.tools import ToolLoopConfig
 
 
 def held_out_problems(
@@ -35,8 +38,9 @@ def held_out_problems(
     return rows
 
 
-def evaluate(inference: Any, problems: list[dict[str, Any]], max_new_tokens: int, max_tool_turns: int) -> dict:
-    """Runs the calculator loop greedily on the problems; returns rates and the transcripts."""
+def evaluate(inference: Any, problems: list[dict[str, Any]], max_new_tokens: int, tool_loop: ToolLoopConfig) -> dict:
+    """Runs the calculator loop greedily on the problems, with the settings of `tool_loop`; returns rates and the
+    transcripts."""
     from trl_inference_ext.tasks.arithmetic import calculator, correct_answer_reward
     from trl_inference_ext.tools.loop import run_tool_loop
 
@@ -44,8 +48,8 @@ def evaluate(inference: Any, problems: list[dict[str, Any]], max_new_tokens: int
         inference,
         [row["prompt"] for row in problems],
         [calculator],
-        max_tool_turns=max_tool_turns,
         max_new_tokens=max_new_tokens,
+        tool_loop=tool_loop,
         do_sample=False,
     )
     texts = [inference.tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
@@ -80,7 +84,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     from trl_inference_ext.cli import load_module
+    from trl_inference_ext.tools import ToolLoopConfig
 
+    tool_loop = ToolLoopConfig(max_tool_turns=args.max_tool_turns)  # checked before the model loads
     inference = load_module(args.model, args.adapter, "huggingface", "float32", args.tool_parser)
     problems = held_out_problems(
         args.num_problems, args.seed, args.train_problems, args.train_seed, tool_parser=args.tool_parser
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {}
     for label, scope in (("adapter off", peft_model.disable_adapter()), ("adapter on", nullcontext())):
         with scope:
-            results[label] = evaluate(inference, problems, args.max_new_tokens, args.max_tool_turns)
+            results[label] = evaluate(inference, problems, args.max_new_tokens, tool_loop)
 
     print(f"{len(problems)} held-out problems, greedy decoding, {args.max_tool_turns} calculator turn(s)")
     print(f"{'':12}{'accuracy':>10}{'call rate':>11}{'calls ran':>11}")

@@ -72,8 +72,9 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
     from trl_inference_ext import InferenceModule
     from trl_inference_ext.tasks.arithmetic import calculator, correct_answer_reward, make_problems
     from trl_inference_ext.testing import build_tiny_model
-    from trl_inference_ext.trl import RolloutRecorder, rollout_func, tool_call_reward
+    from trl_inference_ext.trl import RolloutRecorder, ToolLoopConfig, rollout_func, tool_call_reward
 
+    tool_loop = ToolLoopConfig(max_tool_turns=args.max_tool_turns)  # checked before any model loads
     model_path = args.model
     if model_path == "tiny":
         model_path = str(build_tiny_model(Path(training_args.output_dir) / "tiny-model"))
@@ -110,9 +111,7 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
             tool_parser=args.tool_parser,
             **memory,
         )
-    rollout = rollout_func(
-        inference=inference, tools=[calculator], tool_parser=args.tool_parser, max_tool_turns=args.max_tool_turns
-    )
+    rollout = rollout_func(inference=inference, tools=[calculator], tool_parser=args.tool_parser, tool_loop=tool_loop)
     if args.log_rollouts:
         rollout = _logging_rollout(rollout, Path(training_args.output_dir))
     recorder = RolloutRecorder(rollout)

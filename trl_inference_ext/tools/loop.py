@@ -4,9 +4,10 @@ Each rollout keeps one growing list of completion token ids. Model tokens come f
 tool-result tokens are appended from the chat template's tool-message format and marked 0 in `env_mask`, so a
 trainer can drop them from the loss. Earlier turns are never re-tokenised.
 
-One turn of `run_tool_loop`, for every rollout still running: sample its next model turn (all rollouts in one batch),
-parse the calls, execute the calls of all rollouts together (one deadline), then either finish the rollout
-(`_exit_reason`) or append the tool results as an environment turn and go on.
+One turn of `run_tool_loop`, for every rollout still running: sample its next model turn (all rollouts in one batch)
+and parse the calls (`_sample_turn`), execute the calls of all rollouts together (one deadline, `_execute_together`),
+then either finish the rollout (`_exit_reason`) or append the tool results as an environment turn and go on
+(`_end_turn`). The loop's settings are one `ToolLoopConfig`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..errors import InvalidTypeError, InvalidValueError, OperationError
 from ..types import ToolCall
+from .config import ToolLoopConfig, takes_tool_loop
 from .execution import MAX_OUTPUT_CHARS, ToolExecutor, ToolResult
-from .parsers import get_parser
+from .parsers import ToolParser, get_parser
 from .prompting import build_tool_prompt, tool_results_text
 from .schema import normalize_tools, tool_functions
 
@@ -97,7 +100,9 @@ class ToolRollout:
         """
         self._check_open()
         if len(token_ids) != len(logprobs):
-            raise ValueError(f"Got {len(token_ids)} token ids but {len(logprobs)} log-probs; they must be aligned.")
+            raise InvalidValueError(
+                f"Got {len(token_ids)} token ids but {len(logprobs)} log-probs; they must be aligned."
+            )
         kept = list(token_ids[: self.remaining_tokens])
         self.completion_ids += kept
         self.logprobs += list(logprobs[: len(kept)])
@@ -112,7 +117,7 @@ class ToolRollout:
             results (`Sequence[ToolResult]`): One outcome per call, in the same order.
         """
         if len(calls) != len(results):
-            raise ValueError(f"Got {len(calls)} tool calls but {len(results)} results; they must be aligned.")
+            raise InvalidValueError(f"Got {len(calls)} tool calls but {len(results)} results; they must be aligned.")
         self.tool_calls += calls
         self.tool_results += results
 
@@ -139,14 +144,14 @@ class ToolRollout:
             reason (`str`): One of `FINISH_REASONS`.
         """
         if reason not in FINISH_REASONS:
-            raise ValueError(f"`reason` must be one of {list(FINISH_REASONS)}, got {reason!r}.")
+            raise InvalidValueError(f"`reason` must be one of {list(FINISH_REASONS)}, got {reason!r}.")
         self._check_open()
         self.finish_reason = reason
         self._finished = True
 
     def _check_open(self) -> None:
         if self._finished:
-            raise RuntimeError(f"This rollout already finished ({self.finish_reason!r}); it takes no more turns.")
+            raise OperationError(f"This rollout already finished ({self.finish_reason!r}); it takes no more turns.")
 
 
 @dataclass
@@ -173,6 +178,7 @@ def repeat_group_size(items: Sequence[Any]) -> int:
     return runs[0] if runs and all(r == runs[0] for r in runs) else 1
 
 
+@takes_tool_loop
 def run_tool_loop(
     inference: InferenceModule,
     prompts: Sequence[Any],
@@ -188,9 +194,13 @@ def run_tool_loop(
     max_tool_output_chars: int = MAX_OUTPUT_CHARS,
     tool_executor: ToolExecutor | None = None,
     reuse_kv: bool = True,
+    tool_loop: ToolLoopConfig | None = None,
     **sampling: Any,
 ) -> list[ToolRollout]:
     """Runs multi-turn tool use for a batch of prompts (one rollout per prompt).
+
+    The loop's settings come either from `tool_loop` or from the keyword arguments of the same names (see
+    `ToolLoopConfig` for each): not both.
 
     Args:
         inference (`InferenceModule`): Generates the model turns; its `tool_parser_type` parses calls.
@@ -210,64 +220,44 @@ def run_tool_loop(
             model.
         tool_executor (`ToolExecutor`, *optional*): Run the calls on this executor, with its own functions, timeout
             and isolation, and leave it open (its worker processes then serve later batches too). By default one is
-            built from the arguments above and closed at the end.
+            built from the settings above (`ToolLoopConfig.build_executor`) and closed at the end.
         reuse_kv (`bool`, *optional*, defaults to `True`): Keep each rollout's KV cache from one turn to the next, so
             a turn runs only the tokens appended since the model's last one (`InferenceModule.multi_turn`; a no-op on
             backends that do not keep such caches). `False` re-runs each rollout's whole context every turn; both
             give the same rollouts up to float error.
+        tool_loop (`ToolLoopConfig`, *optional*): All the settings above at once (`max_tool_turns`, `stop_tools`,
+            `tool_timeout`, `tool_isolation`, `tool_memory_limit`, `max_tool_output_chars`, `reuse_kv`); passing it
+            together with any of those keyword arguments raises a `TypeError` naming them.
         **sampling: Sampling arguments for `generate` (temperature, top_p, top_k, seed, ...).
 
     Returns:
         `list[ToolRollout]`: One per prompt, in order.
     """
-    if isinstance(max_tool_turns, bool) or not isinstance(max_tool_turns, int) or max_tool_turns < 0:
-        raise ValueError(f"`max_tool_turns` must be an int >= 0, got {max_tool_turns!r}.")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be an int >= 1, got {max_new_tokens!r}.")
-    for forbidden in ("num_return_sequences", "return_logprobs", "max_new_tokens"):
-        if forbidden in sampling:
-            raise TypeError(f"`{forbidden}` is set by the tool loop; pass prompts once per rollout instead.")
+    assert tool_loop is not None  # built from the keyword arguments by `takes_tool_loop`
+    _check_budget_and_sampling(max_new_tokens, sampling)
     schemas = normalize_tools(tools)
-    tokenizer = inference.tokenizer
     parser = get_parser(
-        inference.tool_parser_type, chat_template=getattr(tokenizer, "chat_template", None), tool_schemas=schemas
+        inference.tool_parser_type,
+        chat_template=getattr(inference.tokenizer, "chat_template", None),
+        tool_schemas=schemas,
     )
+    rollouts = _start_rollouts(inference, prompts, schemas, max_new_tokens)
     chat = [not isinstance(p, str) for p in prompts]
-    texts = [
-        build_tool_prompt(tokenizer, p if isinstance(p, str) else list(p), schemas, inference.tool_parser_type)
-        for p in prompts
-    ]
-    prompt_ids = inference.encode_prompts(texts) if texts else []
-    rollouts = [ToolRollout(prompt_ids=ids, max_new_tokens=max_new_tokens) for ids in prompt_ids]
     executor = tool_executor
     if executor is None:
-        executor = ToolExecutor(
-            {**tool_functions(tools), **(functions or {})},
-            timeout=tool_timeout,
-            isolation=tool_isolation,
-            memory_limit=tool_memory_limit,
-            max_output_chars=max_tool_output_chars,
-        )
+        executor = tool_loop.build_executor({**tool_functions(tools), **(functions or {})})
     try:
-        with inference.multi_turn() if reuse_kv else contextlib.nullcontext():
-            for turn in range(max_tool_turns + 1):
+        with inference.multi_turn() if tool_loop.reuse_kv else contextlib.nullcontext():
+            for turn in range(tool_loop.max_tool_turns + 1):
                 active = [i for i, rollout in enumerate(rollouts) if not rollout.finished]
                 if not active:
                     break
                 # First turn: identical consecutive prompts (GRPO's repeats) share one prefill and KV cache.
-                sampled = _sample_turn(inference, [rollouts[i] for i in active], turn == 0, sampling)
-                model_turns = [
-                    _ModelTurn(ids, truncated, parser.parse(inference.decode(ids))) for ids, truncated in sampled
-                ]
+                model_turns = _sample_turn(inference, parser, [rollouts[i] for i in active], turn == 0, sampling)
                 _execute_together(executor, model_turns)
+                last_turn = turn == tool_loop.max_tool_turns
                 for i, model_turn in zip(active, model_turns):
-                    rollout = rollouts[i]
-                    rollout.add_tool_calls(model_turn.calls, model_turn.results)
-                    reason = _exit_reason(model_turn, stop_tools, last_turn=turn == max_tool_turns)
-                    if reason is not None:
-                        rollout.finish(reason)
-                    else:
-                        rollout.add_environment_turn(_tool_message_ids(tokenizer, model_turn, chat[i]))
+                    _end_turn(rollouts[i], model_turn, inference.tokenizer, chat[i], tool_loop.stop_tools, last_turn)
     finally:
         if tool_executor is None:
             executor.close()
@@ -276,16 +266,44 @@ def run_tool_loop(
     return rollouts
 
 
+def _check_budget_and_sampling(max_new_tokens: int, sampling: dict[str, Any]) -> None:
+    """Refuses a token budget below 1 and the `generate` arguments the loop sets itself."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InvalidValueError(f"`max_new_tokens` must be an int >= 1, got {max_new_tokens!r}.")
+    for forbidden in ("num_return_sequences", "return_logprobs", "max_new_tokens"):
+        if forbidden in sampling:
+            raise InvalidTypeError(f"`{forbidden}` is set by the tool loop; pass prompts once per rollout instead.")
+
+
+def _start_rollouts(
+    inference: InferenceModule, prompts: Sequence[Any], schemas: list[dict[str, Any]], max_new_tokens: int
+) -> list[ToolRollout]:
+    """One empty rollout per prompt, its prompt rendered with the tools (`build_tool_prompt`) and encoded."""
+    texts = [
+        build_tool_prompt(
+            inference.tokenizer, p if isinstance(p, str) else list(p), schemas, inference.tool_parser_type
+        )
+        for p in prompts
+    ]
+    prompt_ids = inference.encode_prompts(texts) if texts else []
+    return [ToolRollout(prompt_ids=ids, max_new_tokens=max_new_tokens) for ids in prompt_ids]
+
+
 def _sample_turn(
-    inference: InferenceModule, rollouts: list[ToolRollout], share_prompts: bool, sampling: dict[str, Any]
-) -> list[tuple[list[int], bool]]:
-    """Samples the next model turn of every rollout in one batch and appends it to each (`add_model_turn`).
+    inference: InferenceModule,
+    parser: ToolParser,
+    rollouts: list[ToolRollout],
+    share_prompts: bool,
+    sampling: dict[str, Any],
+) -> list[_ModelTurn]:
+    """Samples the next model turn of every rollout in one batch, appends it to each (`add_model_turn`) and parses
+    its calls.
 
     With `share_prompts`, runs of identical contexts are generated as one prompt with `num_return_sequences`.
 
     Returns:
-        `list[tuple[list[int], bool]]`: Per rollout, the tokens kept and whether the turn was cut (by the budget or
-        by the batch's `max_new_tokens`).
+        `list[_ModelTurn]`: Per rollout, the tokens kept, whether the turn was cut (by the budget or by the batch's
+        `max_new_tokens`) and the calls parsed from the kept tokens.
     """
     contexts = [rollout.context_ids for rollout in rollouts]
     group = repeat_group_size(contexts) if share_prompts else 1
@@ -303,7 +321,8 @@ def _sample_turn(
         rollouts, result.token_ids, result.logprobs, result.metadata["finish_reasons"]
     ):
         kept = rollout.add_model_turn(ids, logprobs.tolist())
-        turns.append((kept, len(kept) < len(ids) or finish == "length"))
+        truncated = len(kept) < len(ids) or finish == "length"
+        turns.append(_ModelTurn(kept, truncated, parser.parse(inference.decode(kept))))
     return turns
 
 
@@ -312,6 +331,18 @@ def _execute_together(executor: ToolExecutor, turns: list[_ModelTurn]) -> None:
     results = iter(executor.run([call for turn in turns for call in turn.calls]))
     for turn in turns:
         turn.results = [next(results) for _ in turn.calls]
+
+
+def _end_turn(
+    rollout: ToolRollout, turn: _ModelTurn, tokenizer: Any, chat: bool, stop_tools: Sequence[str], last_turn: bool
+) -> None:
+    """Records a model turn's calls and results, then finishes the rollout or shows it the results (next turn)."""
+    rollout.add_tool_calls(turn.calls, turn.results)
+    reason = _exit_reason(turn, stop_tools, last_turn)
+    if reason is not None:
+        rollout.finish(reason)
+    else:
+        rollout.add_environment_turn(_tool_message_ids(tokenizer, turn, chat))
 
 
 def _exit_reason(turn: _ModelTurn, stop_tools: Sequence[str], last_turn: bool) -> str | None:

@@ -5,46 +5,63 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
-from ..backends.capabilities import SupportsWeightPush
-from ..backends.lora_fold import check_fold_mode
+from ..backends.capabilities import RunsLocalModel, SupportsWeightPush
+from ..backends.hf.lora_fold import check_fold_mode
+from ..errors import InvalidTypeError, InvalidValueError
 from ..module import InferenceModule
-from ..tools.execution import ISOLATIONS, MAX_OUTPUT_CHARS, ToolExecutor
+from ..tools.config import ToolLoopConfig, takes_tool_loop
+from ..tools.execution import MAX_OUTPUT_CHARS, ToolExecutor
 from ..tools.loop import ToolRollout, repeat_group_size, run_tool_loop
 from .sampling import sampling_from_trl_args
 
 logger = logging.getLogger(__name__)
 
 
+class _ToolLoopSetting:
+    """An attribute of `RolloutFunction` that reads one field of its `tool_loop`; setting it replaces the config with
+    a checked copy (`dataclasses.replace`). Kept so that `rollout.max_tool_turns` & co. work as they did."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, rollout: RolloutFunction | None, owner: type | None = None) -> Any:
+        return self if rollout is None else getattr(rollout.tool_loop, self.name)
+
+    def __set__(self, rollout: RolloutFunction, value: Any) -> None:
+        rollout.tool_loop = replace(rollout.tool_loop, **{self.name: value})
+
+
 class RolloutFunction:
     """A callable with TRL's `rollout_func(prompts, trainer) -> dict` signature.
 
-    Built by `rollout_func(...)`; see there for the arguments.
+    Built by `rollout_func(...)`; see there for the arguments. `tool_executor` runs the calls of every step (built
+    from `tool_loop` when there are tools, else `None`).
     """
+
+    max_tool_turns = _ToolLoopSetting()
+    stop_tools = _ToolLoopSetting()
+    reuse_kv = _ToolLoopSetting()
 
     def __init__(
         self,
         inference: InferenceModule | None,
+        *,
         tools: Sequence[Any] | None,
         tool_parser: str,
-        max_tool_turns: int,
-        stop_tools: Sequence[str],
+        tool_loop: ToolLoopConfig,
         tool_executor: ToolExecutor | None,
         sampling: dict[str, Any],
-        *,
-        reuse_kv: bool = True,
         fold_lora: bool | str = "auto",
     ) -> None:
         self.inference = inference
         self.tools = list(tools or [])
         self.tool_parser = tool_parser
-        self.max_tool_turns = max_tool_turns
-        self.stop_tools = tuple(stop_tools)
+        self.tool_loop = tool_loop
         self.tool_executor = tool_executor
         self.sampling = sampling
-        self.reuse_kv = reuse_kv
         self.fold_lora = fold_lora
         self._synced_step: int | None = None
 
@@ -80,8 +97,11 @@ class RolloutFunction:
                 accelerator.wait_for_everyone()
                 if not accelerator.is_main_process:
                     backend.mark_weights_updated()
-        elif getattr(backend, "model", None) is not trainer.accelerator.unwrap_model(trainer.model_wrapped):
-            raise ValueError(
+        elif not (
+            isinstance(backend, RunsLocalModel)
+            and backend.model is trainer.accelerator.unwrap_model(trainer.model_wrapped)
+        ):
+            raise InvalidValueError(
                 "The given `inference` runs a different model than the trainer and its backend cannot load weights; "
                 "pass `inference=None` to generate with the trainer's model, or use the vLLM backend."
             )
@@ -109,10 +129,8 @@ class RolloutFunction:
                 prompts,
                 self.tools,
                 max_new_tokens=sampling.pop("max_new_tokens", 512),
-                max_tool_turns=self.max_tool_turns,
-                stop_tools=self.stop_tools,
                 tool_executor=self.tool_executor,
-                reuse_kv=self.reuse_kv,
+                tool_loop=self.tool_loop,
                 **sampling,
             )
             return _as_trl_output(rollouts)
@@ -156,6 +174,7 @@ def _as_trl_output(rollouts: list[ToolRollout]) -> dict[str, Any]:
     }
 
 
+@takes_tool_loop
 def rollout_func(
     inference: InferenceModule | None = None,
     tools: Sequence[Any] | None = None,
@@ -168,6 +187,8 @@ def rollout_func(
     max_tool_output_chars: int = MAX_OUTPUT_CHARS,
     reuse_kv: bool = True,
     fold_lora: bool | str = "auto",
+    *,
+    tool_loop: ToolLoopConfig | None = None,
     **sampling: Any,
 ) -> Callable[[list[Any], Any], dict[str, Any]]:
     """Builds a `rollout_func` for `trl.GRPOTrainer`.
@@ -176,6 +197,9 @@ def rollout_func(
     chat message lists) and returns `prompt_ids`, `completion_ids`, `logprobs` (of the processed sampling
     distribution), `env_mask` (0 on tool-result tokens, so TRL drops them from the loss), and with tools also
     `tool_calls` and `tool_results`, which TRL forwards to reward functions as keyword arguments.
+
+    The tool loop's settings come either from `tool_loop` or from the keyword arguments of the same names (see
+    `ToolLoopConfig` for each): not both. They are checked here, before training starts.
 
     Args:
         inference (`InferenceModule`, *optional*): Generate with this module (e.g. the vLLM backend); its weights are
@@ -200,7 +224,10 @@ def rollout_func(
             Face backend), so a turn prefills only the appended tool-result tokens; see `run_tool_loop`.
         fold_lora (`bool` or `str`, *optional*, defaults to `"auto"`): With `inference=None`, decode a LoRA policy
             from a folded copy of the adapted weights (`"auto"`: when it fits in memory; see
-            `backends.lora_fold`). The trainer's own weights are never modified.
+            `backends.hf.lora_fold`). The trainer's own weights are never modified.
+        tool_loop (`ToolLoopConfig`, *optional*): All the tool-loop settings above at once (`max_tool_turns`,
+            `stop_tools`, `tool_timeout`, `tool_isolation`, `tool_memory_limit`, `max_tool_output_chars`,
+            `reuse_kv`); passing it together with any of those keyword arguments raises a `TypeError` naming them.
         **sampling: Overrides for the sampling settings read from `trainer.args` (`temperature`, `top_p`, `top_k`,
             `max_new_tokens`, `seed`, `stop`).
 
@@ -211,38 +238,32 @@ def rollout_func(
         ```
     """
     if inference is not None and not isinstance(inference, InferenceModule):
-        raise TypeError(f"`inference` must be an InferenceModule or None, got {type(inference).__name__}.")
-    if isinstance(max_tool_turns, bool) or not isinstance(max_tool_turns, int) or max_tool_turns < 0:
-        raise ValueError(f"`max_tool_turns` must be an int >= 0, got {max_tool_turns!r}.")
+        raise InvalidTypeError(f"`inference` must be an InferenceModule or None, got {type(inference).__name__}.")
+    assert tool_loop is not None  # built from the keyword arguments by `takes_tool_loop`
     from ..tools.parsers import PARSER_NAMES
 
     if tool_parser not in PARSER_NAMES:
-        raise ValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {tool_parser!r}.")
-    if not isinstance(reuse_kv, bool):
-        raise TypeError(f"`reuse_kv` must be a bool, got {type(reuse_kv).__name__}.")
+        raise InvalidValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {tool_parser!r}.")
     check_fold_mode(fold_lora)
-    if tool_isolation not in ISOLATIONS:
-        raise ValueError(f"`tool_isolation` must be one of {list(ISOLATIONS)}, got {tool_isolation!r}.")
-    executor = None
-    if tools:
-        from ..tools.schema import normalize_tools, tool_functions
-
-        normalize_tools(tools)  # fail at construction, not mid-training
-        executor = ToolExecutor(
-            tool_functions(tools),
-            timeout=tool_timeout,
-            isolation=tool_isolation,
-            memory_limit=tool_memory_limit,
-            max_output_chars=max_tool_output_chars,
-        )  # starts no process yet; workers start at the first call and then serve every step
     return RolloutFunction(
         inference,
-        tools,
-        tool_parser,
-        max_tool_turns,
-        stop_tools,
-        executor,
-        sampling,
-        reuse_kv=reuse_kv,
+        tools=tools,
+        tool_parser=tool_parser,
+        tool_loop=tool_loop,
+        tool_executor=_tool_executor(tools, tool_loop),
+        sampling=sampling,
         fold_lora=fold_lora,
     )
+
+
+def _tool_executor(tools: Sequence[Any] | None, tool_loop: ToolLoopConfig) -> ToolExecutor | None:
+    """The executor that serves every step, or `None` without tools.
+
+    The tools are checked now, not mid-training; no worker process starts before the first call.
+    """
+    if not tools:
+        return None
+    from ..tools.schema import normalize_tools, tool_functions
+
+    normalize_tools(tools)
+    return tool_loop.build_executor(tool_functions(tools))

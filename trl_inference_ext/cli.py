@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from .cli_io import (
-    InputError,
     Row,
     check_output_path,
     one_line,
@@ -31,10 +30,15 @@ from .cli_io import (
     response_problem,
     scan_output,
 )
+from .errors import InputError, InvalidValueError
 from .tools.parsers import PARSER_NAMES
 
 USAGE_ERROR = 2
 """Exit code for a bad command line or bad input (as argparse uses)."""
+INTERRUPTED = 130
+"""Exit code after Ctrl-C: 128 + SIGINT."""
+BROKEN_PIPE = 141
+"""Exit code when stdout's reader has gone (`trl-inference generate ... | head -1`): 128 + SIGPIPE."""
 
 _RESUME_HELP = (
     "JSONL output file (default: stdout). If it exists, the run resumes: input rows whose output rows are all in it "
@@ -153,11 +157,11 @@ def load_module(model: str, adapter: str | None, backend: str, dtype: str, tool_
     if adapter is None:
         return InferenceModule(model, backend=backend, dtype=dtype, tool_parser=tool_parser)
     if backend != "huggingface":
-        raise ValueError("`--adapter` needs the huggingface backend (merge the adapter to serve it with vLLM).")
+        raise InvalidValueError("`--adapter` needs the huggingface backend (merge the adapter to serve it with vLLM).")
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .backends.huggingface import HuggingFaceBackend
+    from .backends.hf.backend import HuggingFaceBackend
 
     base = HuggingFaceBackend.from_pretrained(model, dtype=dtype).model
     tokenizer = AutoTokenizer.from_pretrained(adapter if (Path(adapter) / "tokenizer_config.json").exists() else model)
@@ -364,19 +368,50 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _discard_stdout() -> None:
+    """Points the stdout file descriptor at the null device, once its reader has gone.
+
+    What is left in `sys.stdout`'s buffer is then flushed there when the interpreter exits, instead of raising
+    `BrokenPipeError` again (which Python would report on stderr, exiting with 120).
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no stdout, or one without a descriptor (an in-process caller's)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `trl-inference`.
+
+    When stdout is a pipe whose reader stops reading (`trl-inference generate ... | head -1`), the run ends quietly
+    at its next write, with no traceback, and returns 141 (`BROKEN_PIPE`): the status a shell reports for a C tool
+    that SIGPIPE ends there (`yes | head -1`), which scripts using `set -o pipefail` already expect from such a
+    pipeline. Python ignores SIGPIPE and raises `BrokenPipeError` instead, so the status is returned rather than
+    left to the signal. 141 is chosen over 1 so that "the reader went away" stays apart from a real failure (and
+    from 2 and 130 below) while still saying the output is incomplete. This covers `serve` too.
 
     Args:
         argv (`Sequence[str]`, *optional*): The arguments (default: `sys.argv[1:]`).
 
     Returns:
-        `int`: 0 on success, 2 (`USAGE_ERROR`) for a bad command line or bad input, reported in one line on stderr.
-        argparse exits with 2 itself for unknown or malformed options.
+        `int`: 0 on success; 2 (`USAGE_ERROR`) for a bad command line or bad input, reported in one line on stderr
+        (argparse exits with 2 itself for unknown or malformed options); 130 (`INTERRUPTED`) after Ctrl-C; 141
+        (`BROKEN_PIPE`) when stdout's reader has gone. `serve` otherwise returns the statuses of the launcher's `main`.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        _discard_stdout()
+        return BROKEN_PIPE
+
+
+def _main(argv: list[str]) -> int:
+    """`main` but for broken pipes: dispatches `serve` to its launcher, runs `generate` and `score`."""
     if argv[:1] == ["serve"]:  # the launcher has its own parser (and passes what follows `--` on to vLLM)
-        from .serve import main as serve_main
+        from .backends.vllm.server.launcher import main as serve_main
 
         return serve_main(argv[1:])
     parser = build_parser()
@@ -391,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.output:
             print(f"interrupted; rerun the same command to resume {args.output}", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

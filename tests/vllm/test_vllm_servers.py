@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from trl_inference_ext.backends.base import ScoringConfig
-from trl_inference_ext.backends.vllm import NoServerLeftError, VLLMBackend, WeightPushError
+from trl_inference_ext.backends.vllm.backend import NoServerLeftError, VLLMBackend, WeightPushError
 from trl_inference_ext.testing import free_port, require_vllm
 from trl_inference_ext.types import SamplingConfig
 
@@ -121,14 +121,14 @@ class Servers:
         return backend
 
     def start_b(self) -> None:
-        from trl_inference_ext.serve import ServerProcess
+        from trl_inference_ext.backends.vllm.server.launcher import ServerProcess
 
         with open(self.log_dir / "b.log", "ab") as log:
             self.b = ServerProcess(self.b_config, log=log)
 
     def ready(self) -> Servers:
         """Restarts server A (by the launcher) and B if a test stopped them; returns `self`."""
-        from trl_inference_ext.serve import is_healthy
+        from trl_inference_ext.backends.vllm.server.launcher import is_healthy
 
         deadline = time.monotonic() + START_TIMEOUT
         if self.launcher.process.poll() is not None:
@@ -156,7 +156,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def server_pair(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     """Starts both servers at once (start-up dominates this module); stops both process groups at the end."""
     require_vllm()
-    from trl_inference_ext.serve import ServeConfig, ServerProcess
+    from trl_inference_ext.backends.vllm.server.launcher import ServeConfig, ServerProcess
 
     log_dir = tmp_path_factory.mktemp("servers_logs")
     environment = pytest.MonkeyPatch()  # the servers write received adapters here, not into the shared temp dir
@@ -207,7 +207,7 @@ def baseline(server_pair: Servers) -> dict[str, dict[str, str]]:
 
 # ------------------------------------------------------------------------------------------------------ helpers
 def _client(servers: Servers, url: str):
-    from trl_inference_ext.backends.vllm_server import VLLMServerClient
+    from trl_inference_ext.backends.vllm.client import VLLMServerClient
 
     return VLLMServerClient(url, servers.model_dir, api_key=API_KEY, timeout=60)
 
@@ -238,7 +238,7 @@ def check_serves(backend: VLLMBackend, policy: torch.nn.Module) -> list[Any]:
     Returns:
         The sampled outputs of each server (for comparing pushes).
     """
-    from trl_inference_ext.backends.huggingface import HuggingFaceBackend
+    from trl_inference_ext.backends.hf.backend import HuggingFaceBackend
 
     reference = HuggingFaceBackend(policy, backend.tokenizer)
     prompt_ids = _prompt_ids(backend.tokenizer)
@@ -248,7 +248,7 @@ def check_serves(backend: VLLMBackend, policy: torch.nn.Module) -> list[Any]:
     sampled = []
     for client in backend.servers.clients:  # each server on its own, so both are checked
         single = VLLMBackend(backend.model_name, base_url=client.base_url, api_key=API_KEY, timeout=120)
-        single.transport.clients[0].adapter = client.adapter  # type: ignore[attr-defined]
+        single.connection.clients[0].adapter = client.adapter  # type: ignore[attr-defined]
         assert [o.token_ids for o in single.generate(prompt_ids, GREEDY)] == expected, client.base_url
         outputs = single.generate(prompt_ids, SAMPLED)
         prompts = [prompt_ids[o.prompt_index] for o in outputs]
@@ -346,7 +346,7 @@ def test_incomplete_fused_module_is_refused_before_anything_is_sent(servers, bas
 def test_pushed_weights_match_huggingface_on_every_server(servers, original, baseline, transfer, tmp_path):
     options = {"weight_transfer_dir": str(tmp_path / "shared")} if transfer == "filesystem" else {}
     backend = servers.backend(**options)
-    assert backend.servers is not None and backend.servers.weight_transport.name == transfer
+    assert backend.servers is not None and backend.servers.weight_transfer.name == transfer
     policy = perturbed_policy(servers.model_dir, seed=1)
     try:
         assert backend.load_weights_from_model(policy) == 1
@@ -414,12 +414,12 @@ def test_lora_push_matches_the_trainer_and_the_merged_push(servers, original, ba
 
 # ----------------------------------------------------------------------------------------------------- failures
 def test_push_failing_half_way_takes_the_server_out_of_service(servers, original, baseline, monkeypatch):
-    from trl_inference_ext.backends import vllm_push
+    from trl_inference_ext.backends.vllm.weights import http_chunks
 
     policy = perturbed_policy(servers.model_dir, seed=2)
     backend = servers.backend(weight_chunk_bytes=16 << 10)  # many chunks, so the transfer can break in the middle
     sent = {"n": 0}
-    real_send = vllm_push._send_chunk
+    real_send = http_chunks.send_chunk
 
     def breaking(client, **kwargs):
         if client.base_url == servers.b_url:
@@ -429,7 +429,7 @@ def test_push_failing_half_way_takes_the_server_out_of_service(servers, original
         real_send(client, **kwargs)
 
     try:
-        monkeypatch.setattr(vllm_push, "_send_chunk", breaking)
+        monkeypatch.setattr(http_chunks, "send_chunk", breaking)
         backend.load_weights_from_model(policy)
         monkeypatch.undo()
         report = backend.last_push
@@ -443,7 +443,7 @@ def test_push_failing_half_way_takes_the_server_out_of_service(servers, original
         assert not _is_paused(servers, servers.b_url)
         assert backend.servers.readmit(force=True) == []  # healthy, but without the current weights
         outputs = backend.generate(_prompt_ids(backend.tokenizer), GREEDY)  # served by A alone, on the new weights
-        from trl_inference_ext.backends.huggingface import HuggingFaceBackend
+        from trl_inference_ext.backends.hf.backend import HuggingFaceBackend
 
         with torch.no_grad():
             expected = HuggingFaceBackend(policy, backend.tokenizer).generate(_prompt_ids(backend.tokenizer), GREEDY)
@@ -455,9 +455,9 @@ def test_push_failing_half_way_takes_the_server_out_of_service(servers, original
 
         # Loading itself failing (here: the server refuses an incomplete commit) leaves the server paused.
         single = servers.backend(servers.b_url)
-        real_load = vllm_push.HTTPChunks.load_weights
+        real_load = http_chunks.HttpChunkTransfer.load_weights
         monkeypatch.setattr(
-            vllm_push.HTTPChunks,
+            http_chunks.HttpChunkTransfer,
             "load_weights",
             lambda self, client, session, count: real_load(self, client, session, count + 1),
         )
@@ -480,9 +480,9 @@ def test_push_failing_half_way_takes_the_server_out_of_service(servers, original
 def test_trl_weight_transfer_protocol_against_the_servers(servers, original, baseline):
     from trl.experimental.async_grpo.async_grpo_trainer import WeightTransferProtocol
 
-    from trl_inference_ext.trl import VLLMWeightTransfer
+    from trl_inference_ext.trl import ServerWeightSync
 
-    transfer = VLLMWeightTransfer([servers.a_url, servers.b_url], model_name=servers.model_dir, api_key=API_KEY)
+    transfer = ServerWeightSync([servers.a_url, servers.b_url], model_name=servers.model_dir, api_key=API_KEY)
     for method in ("init_weight_transfer", "pause", "send_weights", "resume", "destroy"):
         assert callable(getattr(transfer, method)) and hasattr(WeightTransferProtocol, method)
     policy = perturbed_policy(servers.model_dir, seed=4)
@@ -510,7 +510,7 @@ def test_grpo_trains_against_the_two_servers(servers, original, baseline, tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_inference_ext import InferenceModule
-    from trl_inference_ext.backends.huggingface import HuggingFaceBackend
+    from trl_inference_ext.backends.hf.backend import HuggingFaceBackend
     from trl_inference_ext.trl import rollout_func
 
     temperature = 1.0
@@ -586,8 +586,8 @@ def test_grpo_trains_against_the_two_servers(servers, original, baseline, tmp_pa
 
 # ----------------------------------------------------------------------------------------------------- failover
 def test_failover_of_a_killed_server_and_its_readmission(servers, original, baseline):
-    from trl_inference_ext.backends.huggingface import HuggingFaceBackend
-    from trl_inference_ext.serve import is_healthy
+    from trl_inference_ext.backends.hf.backend import HuggingFaceBackend
+    from trl_inference_ext.backends.vllm.server.launcher import is_healthy
 
     backend = servers.backend(max_retries=1)
     pool = backend.servers
@@ -664,7 +664,7 @@ def test_failover_of_a_killed_server_and_its_readmission(servers, original, base
 
 def test_launcher_stops_cleanly_on_ctrl_c(servers):
     """Ctrl-C stops the server and every process of it (the next test that needs server A starts it again)."""
-    from trl_inference_ext.serve import is_healthy
+    from trl_inference_ext.backends.vllm.server.launcher import is_healthy
 
     launcher = servers.launcher
     assert launcher.server_pid is not None and _group_alive(launcher.server_pid)
@@ -688,7 +688,7 @@ def test_seeded_sampling_of_more_prompt_tokens_than_one_step_takes_on_a_server(s
 
 def test_output_relay_puts_the_closing_line_on_a_line_of_its_own(capfd):
     """A server process that exits mid-line (as a native library's last message does) leaves no line half-written."""
-    from trl_inference_ext.serve import OutputRelay
+    from trl_inference_ext.backends.vllm.server.launcher import OutputRelay
 
     for text, expected in (("exits mid-line", "exits mid-line\n"), ("ends its line\n", "ends its line\n")):
         relay = OutputRelay()
@@ -721,7 +721,7 @@ def _group_alive(group: int) -> bool:
 def test_api_key_middleware_guards_every_route_but_health(monkeypatch):
     import asyncio
 
-    from trl_inference_ext.serve_auth import APIKeyMiddleware
+    from trl_inference_ext.backends.vllm.server.auth import APIKeyMiddleware
 
     reached: list[str] = []
 
@@ -756,7 +756,13 @@ def test_api_key_middleware_guards_every_route_but_health(monkeypatch):
 def test_launcher_command_keeps_the_key_out_of_the_command_line():
     import argparse
 
-    from trl_inference_ext.serve import ServeConfig, add_arguments, config_from_args, connect_line, server_command
+    from trl_inference_ext.backends.vllm.server.launcher import (
+        ServeConfig,
+        add_arguments,
+        config_from_args,
+        connect_line,
+        server_command,
+    )
 
     command, env = server_command(ServeConfig(model="some/model", api_key="s3cret", lora_rank=8, port=8123))
     assert "s3cret" not in " ".join(command) and env["VLLM_API_KEY"] == "s3cret"
@@ -766,8 +772,8 @@ def test_launcher_command_keeps_the_key_out_of_the_command_line():
         "--host 127.0.0.1",
         "--port 8123",
         "--logprobs-mode processed_logprobs",
-        "--worker-extension-cls trl_inference_ext.backends.vllm_worker.WeightSyncExtension",
-        "--middleware trl_inference_ext.serve_auth.APIKeyMiddleware",
+        "--worker-extension-cls trl_inference_ext.backends.vllm.server.worker.WeightSyncExtension",
+        "--middleware trl_inference_ext.backends.vllm.server.auth.APIKeyMiddleware",
         "--enable-lora --max-lora-rank 8",
     ):
         assert flag in text
@@ -786,8 +792,8 @@ def test_launcher_command_keeps_the_key_out_of_the_command_line():
 
 
 def test_weight_chunks_are_checked_on_arrival():
-    from trl_inference_ext.backends.vllm_push import _chunks
-    from trl_inference_ext.backends.vllm_worker import assemble, decode_chunk, encode_chunk
+    from trl_inference_ext.backends.vllm.server.worker import assemble, decode_chunk, encode_chunk
+    from trl_inference_ext.backends.vllm.weights.http_chunks import chunks as weight_chunks
 
     tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
     data, digest = encode_chunk(tensors)
@@ -796,9 +802,9 @@ def test_weight_chunks_are_checked_on_arrival():
     with pytest.raises(ValueError, match="corrupted"):
         decode_chunk(data, "0" * 64)
     weights = [(f"w{i}", torch.zeros(256)) for i in range(5)]  # 1 KiB each
-    assert [list(c) for c in _chunks(weights, 2048)] == [["w0", "w1"], ["w2", "w3"], ["w4"]]
+    assert [list(c) for c in weight_chunks(weights, 2048)] == [["w0", "w1"], ["w2", "w3"], ["w4"]]
     big = torch.arange(4096.0).reshape(16, 256)  # 16 KiB: sent in pieces of 4 rows, joined again on arrival
-    chunks = list(_chunks([("small", torch.zeros(2)), ("big", big)], 4096))
+    chunks = list(weight_chunks([("small", torch.zeros(2)), ("big", big)], 4096))
     assert [len(c) for c in chunks] == [1, 1, 1, 1, 1] and sum(len(c) for c in chunks) == 5
     staged = {k: v for c in chunks for k, v in c.items()}
     joined = assemble(staged, "2")
@@ -895,7 +901,7 @@ def test_adapters_vllm_cannot_apply_fall_back_to_merged_weights(tiny_model_dir):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from trl_inference_ext.backends.vllm_lora import adapter_unsupported_reason, export_adapter
+    from trl_inference_ext.backends.vllm.weights.lora import adapter_unsupported_reason, export_adapter
 
     def lora(**config: Any) -> torch.nn.Module:
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -939,7 +945,7 @@ def test_in_process_engine_takes_the_adapter_alone(tiny_model_dir):
         assert engine.load_weights_from_model(model) == 1 and engine.adapter == "trl-policy"
         lora_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
         assert engine.last_push is not None and engine.last_push.bytes_sent == lora_bytes
-        from trl_inference_ext.backends.huggingface import HuggingFaceBackend
+        from trl_inference_ext.backends.hf.backend import HuggingFaceBackend
 
         reference = HuggingFaceBackend(model, engine.tokenizer)
         prompt_ids = _prompt_ids(engine.tokenizer)

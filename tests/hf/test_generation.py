@@ -139,7 +139,7 @@ def test_sampled_logprobs_equal_scoring(inference, sampling):
 
 
 def test_inverse_cdf_sampler_matches_the_distribution():
-    from trl_inference_ext.backends.hf_decoding import sample_from_logits
+    from trl_inference_ext.backends.hf.decoding import sample_from_logits
 
     logits = torch.tensor([[2.0, 0.0, float("-inf"), 1.0, -1.0]]).repeat(200_000, 1)
     generator = torch.Generator().manual_seed(0)
@@ -154,7 +154,7 @@ def test_inverse_cdf_sampler_matches_the_distribution():
 
 
 def test_length_buckets_bound_padding():
-    from trl_inference_ext.backends.hf_decoding import length_buckets
+    from trl_inference_ext.backends.hf.decoding import length_buckets
 
     lengths = [320, 128, 384, 192, 64, 256, 512, 448, 500]
     buckets = length_buckets(lengths, ratio=0.8)
@@ -181,7 +181,7 @@ def test_sliding_window_model_keeps_the_padded_prefill(tiny_model_dir, tmp_path)
     """A model whose cache has sliding-window layers is prefilled in one padded batch and still scores exactly."""
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
-    from trl_inference_ext.backends.hf_decoding import _uses_plain_dynamic_cache
+    from trl_inference_ext.backends.hf.decoding import uses_plain_dynamic_cache
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     config = MistralConfig(
@@ -191,7 +191,7 @@ def test_sliding_window_model_keeps_the_padded_prefill(tiny_model_dir, tmp_path)
     )  # fmt: skip
     torch.manual_seed(0)
     model = MistralForCausalLM(config).eval()
-    assert not _uses_plain_dynamic_cache(model)
+    assert not uses_plain_dynamic_cache(model)
     module = InferenceModule.from_model(model, tokenizer)
     prompts = ["hi", "what is one plus two and then three and four and five and six"]
     result = module.generate(prompts, max_new_tokens=10, temperature=0.9, seed=0, return_logprobs=True)

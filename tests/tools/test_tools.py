@@ -179,7 +179,11 @@ def test_tool_loop_limits_and_failures(tool_inference):
     (failed,) = run_tool_loop(
         tool_inference, [prompt], tools=[broken_add], do_sample=False, max_new_tokens=120, tool_isolation="thread"
     )
-    assert failed.num_failed_calls == 1 and "overflow" in failed.tool_results[0].content
+    # The first call is the one the model was fitted on; what it writes after an error it never saw in training
+    # differs between CPUs (an answer, or another call, well-formed or not), so only the first result is certain.
+    first = failed.tool_results[0]
+    assert (first.ok, first.error) == (False, "exception") and "overflow" in first.content
+    assert failed.num_failed_calls >= 1
     with pytest.raises(ValueError, match="max_tool_turns"):
         run_tool_loop(tool_inference, [prompt], max_tool_turns=-1)
     with pytest.raises(TypeError, match="num_return_sequences"):

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from trl_inference_ext import InferenceModule
-from trl_inference_ext.backends.cpu_decoding import (
+from trl_inference_ext.backends.hf.cpu_kernels import (
     GROUPED_SDPA,
     WEIGHT_MAJOR_MAX_ROWS,
     WEIGHT_MAJOR_MIN_NUMEL,

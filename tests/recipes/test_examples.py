@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def vllm_usable() -> bool:
@@ -19,7 +19,7 @@ def vllm_usable() -> bool:
     Returns:
         `bool`: What the example's vLLM section sees.
     """
-    code = "from trl_inference_ext.backends.vllm import is_vllm_usable; print(is_vllm_usable())"
+    code = "from trl_inference_ext.backends.vllm.backend import is_vllm_usable; print(is_vllm_usable())"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.strip().splitlines()[-1] == "True"

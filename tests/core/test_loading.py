@@ -75,7 +75,7 @@ def test_auto_drops_the_other_backends_options_by_name(tiny_model_dir, caplog):
 
 def test_auto_derives_backend_options_from_the_backends(tiny_model_dir, caplog):
     """Every option of the vLLM backend (`timeout`, `max_retries` included) is dropped, by name, on the HF route."""
-    from trl_inference_ext.backends.vllm import backend_option_names
+    from trl_inference_ext.backends.vllm.backend import backend_option_names
 
     vllm_only = sorted(backend_option_names() - {"dtype", "trust_remote_code", "seed"})
     assert {"timeout", "max_retries", "base_url", "kv_cache_memory_bytes"} <= set(vllm_only)
@@ -104,7 +104,7 @@ def test_auto_derives_backend_options_from_the_backends(tiny_model_dir, caplog):
 def test_auto_falls_back_when_the_vllm_engine_cannot_start(tiny_model_dir, caplog, monkeypatch):
     """A real engine that cannot start (a KV cache larger than any machine), chosen as on a GPU machine."""
     from trl_inference_ext import module as module_file
-    from trl_inference_ext.backends.vllm import is_vllm_usable
+    from trl_inference_ext.backends.vllm.backend import is_vllm_usable
 
     if not is_vllm_usable():
         pytest.skip("vLLM is installed but cannot run here")

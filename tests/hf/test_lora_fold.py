@@ -11,9 +11,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_inference_ext import InferenceModule
-from trl_inference_ext.backends import lora_fold
-from trl_inference_ext.backends.huggingface import HuggingFaceBackend
-from trl_inference_ext.backends.lora_fold import LoraFold
+from trl_inference_ext.backends.hf import lora_fold
+from trl_inference_ext.backends.hf.backend import HuggingFaceBackend
+from trl_inference_ext.backends.hf.lora_fold import LoraFold
 
 PROMPTS = ["what is two plus three", "search the city weather today", "one"]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -318,7 +318,7 @@ def test_routing_is_per_thread_and_exception_safe(tiny_model_dir, tokenizer):
     with pytest.raises(RuntimeError, match="boom"), fold.applied(), fold.applied():  # nested blocks, then an error
         raise RuntimeError("boom")
     assert not any("forward" in m.__dict__ for m in model.modules())
-    assert lora_fold._INSTALLED == {}
+    assert lora_fold.routed_layers() == 0
 
 
 def test_grpo_trainer_step_generates_from_the_fold(tiny_model_dir, tmp_path, monkeypatch):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from trl_inference_ext.cli import main
+from trl_inference_ext.cli import BROKEN_PIPE, main
 
 PROMPTS = ["add two", "the city", "what is the answer", "count to ten", "name a tool"]
 GREEDY = ["--greedy", "--max-new-tokens", "5", "--batch-size", "1"]  # one prompt per call: same numerics every run
@@ -106,6 +108,73 @@ def test_user_errors_have_no_traceback(tiny_model_dir, tmp_path):
         assert run.returncode == 2 and run.stdout == ""
         assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
         assert message in run.stderr
+
+
+def first_line_then_close(command: list[str], tmp_path: Path) -> tuple[bytes, int, str]:
+    """Runs `command` with its stdout read up to one line, then closed (as `command | head -1` does).
+
+    Returns:
+        `tuple[bytes, int, str]`: The line read, the exit status and what the command wrote on stderr.
+    """
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    if hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux: one page, so that even 64 KiB-page systems hold little
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    errors = tmp_path / "stderr.txt"
+    try:
+        with open(errors, "wb") as stderr:  # a file, not a pipe: stderr never blocks the command
+            process = subprocess.Popen(command, stdout=write_end, stderr=stderr)
+    finally:
+        os.close(write_end)  # the command's copy is then the only writer
+    with os.fdopen(read_end, "rb") as reader:
+        first = reader.readline()
+    status = process.wait(timeout=600)  # only against a hang: the command ends at its next write
+    return first, status, errors.read_text(errors="replace")
+
+
+def assert_quiet_broken_pipe(status: int, stderr: str) -> None:
+    assert status == BROKEN_PIPE == 141, stderr
+    for noise in ("Traceback", "BrokenPipeError", "Exception ignored"):
+        assert noise not in stderr, stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX pipes and exit statuses")
+def test_generate_into_closed_pipe_ends_quietly(tiny_model_dir: str, tmp_path: Path) -> None:
+    # 4 prompts x 64 samples, each row echoing a 400-token prompt twice (prompt, prompt_token_ids): about 1 MB, many
+    # times what a pipe and the reader's buffer hold, so the CLI writes again after the reader has gone, however fast
+    # either side runs.
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": list(range(100 + i, 500 + i))} for i in range(4)])
+    command = [sys.executable, "-m", "trl_inference_ext.cli", "generate", "--model", tiny_model_dir,
+               "--prompts", prompts, "--greedy", "--max-new-tokens", "1", "--num-return-sequences", "64",
+               "--batch-size", "1", "--return-token-ids"]  # fmt: skip
+    first, status, stderr = first_line_then_close(command, tmp_path)
+    assert first.endswith(b"\n"), stderr
+    row = json.loads(first)
+    assert (row["index"], row["sample"], row["prompt"]) == (0, 0, list(range(100, 500)))
+    assert_quiet_broken_pipe(status, stderr)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX pipes and exit statuses")
+def test_serve_output_into_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    # `serve` prints its banner to stdout once vLLM is up; a stand-in launcher prints 2 MB through the same path.
+    code = """
+import sys
+from trl_inference_ext.backends.vllm.server import launcher
+
+def banner(argv):
+    for i in range(20000):
+        print(f"{i:08d} " + "x" * 100)
+    return 0
+
+launcher.main = banner
+from trl_inference_ext.cli import main
+raise SystemExit(main(["serve", "model"]))
+"""
+    first, status, stderr = first_line_then_close([sys.executable, "-c", code], tmp_path)
+    assert first == b"00000000 " + b"x" * 100 + b"\n", stderr
+    assert_quiet_broken_pipe(status, stderr)
 
 
 @pytest.mark.parametrize(

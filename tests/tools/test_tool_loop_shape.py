@@ -232,7 +232,9 @@ def test_failing_tool_result_is_shown_and_the_rollout_goes_on(tool_inference, gr
         tool_inference, [PROMPT], tools=[broken_add], do_sample=False, max_new_tokens=120, tool_isolation="thread"
     )
     assert failed.completion_ids[:first_turn] == rollout.completion_ids[:first_turn]
-    assert [(r.ok, r.error) for r in failed.tool_results] == [(False, "exception")]
+    # After an error it never saw in training, the fitted model may answer or call again (well-formed or not,
+    # depending on the CPU's rounding): only the first result is certain.
+    assert (failed.tool_results[0].ok, failed.tool_results[0].error) == (False, "exception")
     shown = [t for t, m in zip(failed.completion_ids, failed.env_mask) if m == 0]
     assert "Error: ValueError: overflow" in tool_inference.tokenizer.decode(shown)
     assert failed.env_mask[first_turn] == 0 and failed.env_mask[-1] == 1  # the model answered after the error

@@ -22,7 +22,7 @@ from trl_inference_ext.ppo import (
     whiten,
 )
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ppo.py"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "ppo.py"
 
 
 @pytest.fixture(scope="module")

@@ -13,23 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
-    InputError,
-    InvalidTypeError,
-    InvalidValueError,
-    MissingDependencyError,
-    ModelNotFoundError,
-    NoServerLeftError,
-    OperationError,
-    ServerConnectionError,
-    ServerTimeoutError,
-    TrlInferenceError,
-    UnsupportedError,
-    VLLMEngineStartError,
-    VLLMServerError,
-    VLLMServerUnusableError,
-    WeightPushError,
-)
+from . import errors
+from .errors import *  # noqa: F403  (the error family: `errors.__all__`, added to `__all__` below)
 from .types import GenerationResult, SamplingConfig, ToolCall
 
 if TYPE_CHECKING:
@@ -57,23 +42,9 @@ def __dir__() -> list[str]:
 __all__ = [
     "GenerationResult",
     "InferenceModule",
-    "InputError",
-    "InvalidTypeError",
-    "InvalidValueError",
-    "MissingDependencyError",
-    "ModelNotFoundError",
-    "NoServerLeftError",
-    "OperationError",
     "ReferenceScorer",
     "SamplingConfig",
-    "ServerConnectionError",
-    "ServerTimeoutError",
     "ToolCall",
-    "TrlInferenceError",
-    "UnsupportedError",
-    "VLLMEngineStartError",
-    "VLLMServerError",
-    "VLLMServerUnusableError",
-    "WeightPushError",
     "create_inference_module",
 ]
+__all__ += errors.__all__

@@ -16,7 +16,7 @@ Row (a) then generates with that PEFT model (TRL's path for a LoRA policy), (b) 
 rows are added on the PEFT model:
 
 - (d) `InferenceModule HF, LoRA folded`: the Hugging Face backend's default, the adapter folded into a decode-time
-  weight copy (`backends/lora_fold.py`);
+  weight copy (`backends/hf/lora_fold.py`);
 - (e) `InferenceModule HF, LoRA unfolded`: the same with `fold_lora=False`, through PEFT's LoRA layers.
 
 Models:
@@ -662,9 +662,9 @@ def main() -> None:
         "`GenerationConfig` of `grpo_trainer.py` ~1154-1175 and `_generate_single_turn` ~1763-1889): prompts repeated "
         "`num_generations` times, left-padded, one `model.generate`, cut after the first EOS; it returns no "
         "log-probs (TRL recomputes them in the training forward). (b) and (c) return sampled-token log-probs.",
-        "(b) runs `backends/hf_decoding.py`: each distinct prompt prefilled once for its n samples, prompts prefilled "
+        "(b) runs `backends/hf/decoding.py`: each distinct prompt prefilled once for its n samples, prompts prefilled "
         "per length bucket, finished rows dropped from batch and cache, inverse-CDF sampling, and on CPU "
-        "grouped-query SDPA without KV copies and weight-major products for few rows (`backends/cpu_decoding.py`).",
+        "grouped-query SDPA without KV copies and weight-major products for few rows (`backends/hf/cpu_kernels.py`).",
         f"Guard: (b) log-probs equal `get_logprobs` on the same ids within {diff_b:.1e} (tolerance "
         f"{LOGPROB_TOLERANCE:g}, 2 longest sequences).",
         vllm_note,

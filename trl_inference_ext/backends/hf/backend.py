@@ -85,7 +85,7 @@ class HuggingFaceBackend:
         chunk_bytes (`int`, *optional*): Memory budget for one chunk of float32 logits during scoring.
         fold_lora (`bool` or `"auto"`, *optional*, defaults to `"auto"`): For a PEFT LoRA model, generate from a
             decode-time copy of each LoRA linear layer with its active adapters folded in (`W + scale * B @ A`, see
-            `backends.lora_fold`) instead of PEFT's unmerged layers: one product per layer, the PEFT parameters
+            `hf.lora_fold`) instead of PEFT's unmerged layers: one product per layer, the PEFT parameters
             untouched, re-folded only when the weights change. The copy costs the bytes of the folded weights (e.g.
             106 MB in float32 for SmolLM2-135M with LoRA on q/k/v/o). `"auto"` folds when the copy fits in
             `FOLD_MEMORY_FRACTION` (20%) of the device's free memory; `True` always, `False` never. Scoring always

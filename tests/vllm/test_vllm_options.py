@@ -244,3 +244,16 @@ def test_validation_does_not_import_vllm(tiny_model_dir, fresh_python):
         "print('vllm' in sys.modules)\n"
     )
     assert fresh_python(code).strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("given", "folder", "expected"),
+    [(None, None, "http"), (None, "/shared/sync", "filesystem"), ("filesystem", "/shared/sync", "filesystem")],
+)
+def test_one_rule_picks_the_weight_transfer(given, folder, expected):
+    from trl_inference_ext.backends.vllm.weights import chosen_weight_transfer, make_weight_transfer
+
+    assert chosen_weight_transfer(given, folder) == expected
+    options = VLLMOptions(base_url="http://127.0.0.1:1", weight_transfer=given, weight_transfer_dir=folder)
+    assert options.resolved_weight_transfer == expected
+    assert make_weight_transfer(given, folder, 1 << 20).name == expected

@@ -29,7 +29,7 @@ from ...config_checks import POSITIVE_INT, Check, check_fields, int_at_least, is
 from ...errors import InvalidTypeError, InvalidValueError
 from ..options import check_options
 from .availability import is_cpu_build, require_vllm
-from .weights import DEFAULT_CHUNK_BYTES, WEIGHT_TRANSFERS
+from .weights import DEFAULT_CHUNK_BYTES, WEIGHT_TRANSFERS, chosen_weight_transfer
 
 # ------------------------------------------------------------------------------------------------ validators
 NON_EMPTY_STR = Check("a non-empty string", lambda v: isinstance(v, str) and v != "")
@@ -291,7 +291,7 @@ class VLLMOptions:
     @property
     def resolved_weight_transfer(self) -> str:
         """The weight transfer a push to servers uses: `weight_transfer`, else the default it documents."""
-        return self.weight_transfer or ("filesystem" if self.weight_transfer_dir else "http")
+        return chosen_weight_transfer(self.weight_transfer, self.weight_transfer_dir)
 
     def check_engine_names(self) -> None:
         """Raises unless `vllm.LLM` accepts every name in `engine_kwargs` (in-process mode; nothing to check else).

@@ -43,6 +43,12 @@ folder, or vLLM's NCCL weight-transfer engine (GPUs on both sides). Each entry b
 `(weight_transfer_dir, chunk_bytes)`."""
 
 
+def chosen_weight_transfer(weight_transfer: str | None, weight_transfer_dir: str | None) -> str:
+    """The `weight_transfer=` name a push uses: the one given, else `"filesystem"` when `weight_transfer_dir` is
+    given, else `"http"` (not checked against `WEIGHT_TRANSFERS`)."""
+    return weight_transfer or ("filesystem" if weight_transfer_dir else "http")
+
+
 def make_weight_transfer(
     weight_transfer: str | None, weight_transfer_dir: str | None, chunk_bytes: int
 ) -> WeightTransfer:
@@ -57,7 +63,7 @@ def make_weight_transfer(
     Raises:
         InvalidValueError: If the name is unknown, or the folder is missing or given to another transfer.
     """
-    choice = weight_transfer or ("filesystem" if weight_transfer_dir else "http")
+    choice = chosen_weight_transfer(weight_transfer, weight_transfer_dir)
     if choice not in WEIGHT_TRANSFERS:
         raise InvalidValueError(f"`weight_transfer` must be one of {list(WEIGHT_TRANSFERS)}, got {weight_transfer!r}.")
     if weight_transfer_dir and choice != "filesystem":
@@ -75,5 +81,6 @@ __all__ = [
     "SharedFolderTransfer",
     "WeightTarget",
     "WeightTransfer",
+    "chosen_weight_transfer",
     "make_weight_transfer",
 ]

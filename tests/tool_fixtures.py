@@ -13,6 +13,19 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+def broken_add(a: int, b: int) -> int:
+    """Adds two integers.
+
+    Args:
+        a: First number.
+        b: Second number.
+    """
+    raise ValueError("overflow")
+
+
+broken_add.__name__ = "add"  # described as `add` is, so the prompt is the one the model was fitted on
+
+
 def tool_conversation(a: int, b: int) -> list[dict]:
     return [
         {"role": "user", "content": f"add {a} and {b}"},

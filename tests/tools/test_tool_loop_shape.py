@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tool_fixtures import add, tool_conversation
+from tool_fixtures import add, broken_add, tool_conversation
 
 from trl_inference_ext import InferenceModule, ToolCall
 from trl_inference_ext.testing import greedy_margin
@@ -218,16 +218,6 @@ def test_turn_limit_stop_tool_and_batches(tool_inference, greedy):
 def test_failing_tool_result_is_shown_and_the_rollout_goes_on(tool_inference, greedy):
     rollout, _, first_turn, _ = greedy
 
-    def broken_add(a: int, b: int) -> int:  # described as `add` is, so the prompt is the one the model was fitted on
-        """Adds two integers.
-
-        Args:
-            a: First number.
-            b: Second number.
-        """
-        raise ValueError("overflow")
-
-    broken_add.__name__ = "add"
     (failed,) = run_tool_loop(
         tool_inference, [PROMPT], tools=[broken_add], do_sample=False, max_new_tokens=120, tool_isolation="thread"
     )

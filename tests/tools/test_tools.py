@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from tool_fixtures import add, tool_conversation
+from tool_fixtures import add, broken_add, tool_conversation
 
 from trl_inference_ext import InferenceModule, ToolCall
 from trl_inference_ext.tools.execution import ToolExecutor
@@ -166,16 +166,6 @@ def test_tool_loop_limits_and_failures(tool_inference):
     (short,) = run_tool_loop(tool_inference, [prompt], tools=[add], do_sample=False, max_new_tokens=5)
     assert short.finish_reason == "length" and len(short.completion_ids) == 5
 
-    def broken_add(a: int, b: int) -> int:  # described as `add` is, so the prompt is the one the model was fitted on
-        """Adds two integers.
-
-        Args:
-            a: First number.
-            b: Second number.
-        """
-        raise ValueError("overflow")
-
-    broken_add.__name__ = "add"
     (failed,) = run_tool_loop(
         tool_inference, [prompt], tools=[broken_add], do_sample=False, max_new_tokens=120, tool_isolation="thread"
     )

@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
+import torch
+
 from ..backends.capabilities import RunsLocalModel, SupportsWeightPush
 from ..backends.hf.lora_fold import check_fold_mode
-from ..errors import InvalidTypeError, InvalidValueError
+from ..config_checks import POSITIVE_INT, int_at_least
+from ..errors import (
+    InvalidTypeError,
+    InvalidValueError,
+    NoServerLeftError,
+    ServerConnectionError,
+    WeightPushError,
+)
 from ..module import InferenceModule
 from ..tools.config import ToolLoopConfig, takes_tool_loop
 from ..tools.execution import MAX_OUTPUT_CHARS, ToolExecutor
 from ..tools.loop import ToolRollout, repeat_group_size, run_tool_loop
+from .correction import MismatchCorrection, SamplingMetrics, combine_metrics, correct, padded, scoring_settings
 from .sampling import sampling_from_trl_args
 
 logger = logging.getLogger(__name__)
@@ -38,7 +49,9 @@ class RolloutFunction:
     """A callable with TRL's `rollout_func(prompts, trainer) -> dict` signature.
 
     Built by `rollout_func(...)`; see there for the arguments. `tool_executor` runs the calls of every step (built
-    from `tool_loop` when there are tools, else `None`).
+    from `tool_loop` when there are tools, else `None`). `reward_funcs` holds the reward functions to pass on to the
+    trainer (`GRPOTrainer(reward_funcs=[*rf.reward_funcs, ...])`): today the one that logs the mismatch correction's
+    metrics.
     """
 
     max_tool_turns = _ToolLoopSetting()
@@ -55,6 +68,8 @@ class RolloutFunction:
         tool_executor: ToolExecutor | None,
         sampling: dict[str, Any],
         fold_lora: bool | str = "auto",
+        weight_sync_interval: int = 1,
+        max_policy_lag: int | None = None,
     ) -> None:
         self.inference = inference
         self.tools = list(tools or [])
@@ -63,7 +78,22 @@ class RolloutFunction:
         self.tool_executor = tool_executor
         self.sampling = sampling
         self.fold_lora = fold_lora
+        self.weight_sync_interval = weight_sync_interval
+        self.max_policy_lag = max_policy_lag
+        self.sampling_metrics = SamplingMetrics()
         self._synced_step: int | None = None
+        self._weights_step: int | None = None
+        """The trainer step whose weights the engine holds (`None` before the first push)."""
+        self._warned: set[str] = set()
+
+    @property
+    def reward_funcs(self) -> list[Callable[..., list[float | None]]]:
+        """Reward functions to add to the trainer's: `GRPOTrainer(reward_funcs=[*rf.reward_funcs, my_reward])`.
+
+        With `inference` set, `SamplingMetrics`, which reports the mismatch correction's metrics through TRL's
+        `log_metric` (it scores nothing: it returns `None`, which TRL skips). Empty with `inference=None`.
+        """
+        return [] if self.inference is None else [self.sampling_metrics]
 
     def close(self) -> None:
         """Stops the tool worker processes (they are also stopped at interpreter exit)."""
@@ -81,45 +111,163 @@ class RolloutFunction:
         ) as m:
             yield m
 
+    def _runs_trainer_model(self, trainer: Any) -> bool:
+        """Whether `inference` generates with the trainer's own model object (no other engine, no push)."""
+        assert self.inference is not None
+        backend = self.inference.backend
+        return isinstance(backend, RunsLocalModel) and backend.model is trainer.accelerator.unwrap_model(
+            trainer.model_wrapped
+        )
+
     def _sync_weights(self, trainer: Any) -> None:
+        """Pushes the trainer's weights at a new step (every `weight_sync_interval` steps).
+
+        A push that fails leaves the engine on older weights: the rollouts then carry that older step, and are
+        corrected or dropped by `max_policy_lag` (see `_correct`); the error is raised only when the engine never
+        received weights or when even the next rollouts would be too old to train on.
+        """
         assert self.inference is not None
         step = int(trainer.state.global_step)
         if step == self._synced_step:
             return
+        self._synced_step = step
+        if self._runs_trainer_model(trainer):
+            self._weights_step = step
+            return
         backend = self.inference.backend
-        if isinstance(backend, SupportsWeightPush):
-            accelerator = trainer.accelerator
-            shared = backend.server_mode and accelerator.num_processes > 1
-            with self._trainer_model(trainer) as model:  # every rank enters: a ZeRO-3 gather is collective
-                if not shared or accelerator.is_main_process:  # servers shared by the ranks take one push
-                    backend.load_weights_from_model(model)
-            if shared:
-                accelerator.wait_for_everyone()
-                if not accelerator.is_main_process:
-                    backend.mark_weights_updated()
-        elif not (
-            isinstance(backend, RunsLocalModel)
-            and backend.model is trainer.accelerator.unwrap_model(trainer.model_wrapped)
-        ):
+        if not isinstance(backend, SupportsWeightPush):
             raise InvalidValueError(
                 "The given `inference` runs a different model than the trainer and its backend cannot load weights; "
                 "pass `inference=None` to generate with the trainer's model, or use the vLLM backend."
             )
-        self.inference.clear_cache()
-        self._synced_step = step
+        if self._weights_step is not None and step - self._weights_step < self.weight_sync_interval:
+            return
+        error = self._push(trainer, backend)
+        if error is None:
+            self._weights_step = step
+            self.inference.clear_cache()
+            return
+        lag = None if self._weights_step is None else step - self._weights_step
+        if lag is None or (self.max_policy_lag is not None and lag > self.max_policy_lag):
+            raise error
+        logger.warning(
+            "rollout_func: the weight push of step %d failed (%s); generating with the weights of step %d "
+            "(policy lag %d, corrected by the importance ratio, see `max_policy_lag`).",
+            step,
+            error,
+            self._weights_step,
+            lag,
+        )
+
+    def _push(self, trainer: Any, backend: SupportsWeightPush) -> Exception | None:
+        """One push of the trainer's weights; the error it failed with (the same on every process), or `None`."""
+        from accelerate.utils import broadcast_object_list
+
+        assert self.inference is not None
+        accelerator = trainer.accelerator
+        shared = backend.server_mode and accelerator.num_processes > 1
+        failure: Exception | None = None
+        with self._trainer_model(trainer) as model:  # every rank enters: a ZeRO-3 gather is collective
+            if not shared or accelerator.is_main_process:  # servers shared by the ranks take one push
+                try:
+                    backend.load_weights_from_model(model)
+                except (WeightPushError, ServerConnectionError, NoServerLeftError) as error:
+                    failure = error
+        if not shared:
+            return failure
+        accelerator.wait_for_everyone()
+        (message,) = broadcast_object_list([None if failure is None else str(failure)], from_process=0)
+        if accelerator.is_main_process:
+            return failure
+        if message is None:
+            self.inference.mark_weights_updated()
+            return None
+        return WeightPushError(message)
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
         """Generates one completion per entry of `prompts` (TRL passes each prompt `num_generations` times)."""
         sampling = sampling_from_trl_args(trainer.args, self.sampling)
-        if self.inference is not None:
-            self._sync_weights(trainer)
-            use_trainer_chat_template(self.inference, trainer.processing_class)
-            return self._rollouts(self.inference, prompts, sampling)
-        with self._trainer_model(trainer) as model:
-            inference = InferenceModule.from_model(
-                model, trainer.processing_class, cache_size=0, tool_parser=self.tool_parser, fold_lora=self.fold_lora
+        if self.inference is None:
+            with self._trainer_model(trainer) as model:
+                inference = InferenceModule.from_model(
+                    model,
+                    trainer.processing_class,
+                    cache_size=0,
+                    tool_parser=self.tool_parser,
+                    fold_lora=self.fold_lora,
+                )
+                output = self._rollouts(inference, prompts, sampling)
+            output["weight_version"] = [int(trainer.state.global_step)] * len(prompts)
+            return output
+        correction = MismatchCorrection.from_trl_args(trainer.args)
+        correction.check_applicable()  # before any generation
+        self._sync_weights(trainer)
+        use_trainer_chat_template(self.inference, trainer.processing_class)
+        output = self._rollouts(self.inference, prompts, sampling)
+        assert self._weights_step is not None
+        output["weight_version"] = [self._weights_step] * len(prompts)
+        if not self._runs_trainer_model(trainer):
+            self._correct(trainer, output, sampling, correction)
+        return output
+
+    def _correct(
+        self, trainer: Any, output: dict[str, Any], sampling: dict[str, Any], correction: MismatchCorrection
+    ) -> None:
+        """Applies the mismatch correction and the staleness bound to `output["env_mask"]`, in place.
+
+        The trainer's model scores the rollouts under the sampling's processing (one forward pass without gradients,
+        the extra cost TRL's vLLM path pays too); see `correction` for the ratio and what passes to the loss. A
+        rollout whose weights are `lag > 0` steps old is corrected like any other when the correction is on and
+        `lag <= max_policy_lag`; otherwise it is dropped from the loss (`env_mask` 0), never trained on as if
+        on-policy.
+        """
+        completions = output["completion_ids"]
+        width = max((len(ids) for ids in completions), default=0)
+        model_tokens = padded(output["env_mask"], width) > 0
+        lag = int(trainer.state.global_step) - int(output["weight_version"][0])
+        metrics: dict[str, torch.Tensor] = {}
+        keep = model_tokens
+        if correction.enabled and width:
+            trainer_logps = self._trainer_logprobs(trainer, output, sampling)
+            result = correct(trainer_logps, padded(output["logprobs"], width, math.nan), model_tokens, correction)
+            keep, metrics = result.keep, result.metrics
+        too_old = lag > 0 and (
+            not correction.enabled or (self.max_policy_lag is not None and lag > self.max_policy_lag)
+        )
+        if too_old:
+            keep = torch.zeros_like(model_tokens)
+        metrics["sampling/policy_lag/mean"] = torch.tensor(float(lag), dtype=torch.float64)
+        metrics["sampling/policy_lag/max"] = torch.tensor(float(lag), dtype=torch.float64)
+        metrics["sampling/stale_rollouts_dropped"] = torch.tensor(float(too_old), dtype=torch.float64)
+        output["env_mask"] = [[int(k) for k in keep[i, : len(ids)].tolist()] for i, ids in enumerate(completions)]
+        self.sampling_metrics.pending = combine_metrics(metrics, trainer.accelerator.gather)
+        if not any(f is self.sampling_metrics for f in getattr(trainer, "reward_funcs", [])):
+            self._warn_once(
+                "metrics",
+                "rollout_func: the mismatch correction is applied, but its metrics are not logged: pass the rollout "
+                "function's reward functions on, `GRPOTrainer(reward_funcs=[*rf.reward_funcs, ...])`.",
             )
-            return self._rollouts(inference, prompts, sampling)
+
+    def _trainer_logprobs(self, trainer: Any, output: dict[str, Any], sampling: dict[str, Any]) -> torch.Tensor:
+        """`[B, T]` log-probabilities of the rollouts' tokens under the trainer's model, processed as sampled."""
+        settings = scoring_settings(sampling)
+        prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
+        width = max(len(ids) for ids in completion_ids)
+        rows = max(1, int(getattr(trainer.args, "per_device_train_batch_size", 8)))
+        out = torch.zeros(len(completion_ids), width, dtype=torch.float64)
+        with self._trainer_model(trainer) as model, torch.no_grad():
+            scorer = InferenceModule.from_model(model, trainer.processing_class, cache_size=0, fold_lora=False)
+            for start in range(0, len(completion_ids), rows):
+                part = slice(start, start + rows)
+                logps = scorer.get_logprobs(prompt_ids[part], completion_ids[part], **settings)
+                assert isinstance(logps, torch.Tensor)
+                out[part, : logps.shape[1]] = logps.double().cpu()
+        return out
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
 
     def _rollouts(self, inference: InferenceModule, prompts: list[Any], sampling: dict[str, Any]) -> dict[str, Any]:
         if self.tools:
@@ -189,14 +337,23 @@ def rollout_func(
     fold_lora: bool | str = "auto",
     *,
     tool_loop: ToolLoopConfig | None = None,
+    weight_sync_interval: int = 1,
+    max_policy_lag: int | None = None,
     **sampling: Any,
-) -> Callable[[list[Any], Any], dict[str, Any]]:
+) -> RolloutFunction:
     """Builds a `rollout_func` for `trl.GRPOTrainer`.
 
     The returned function receives this process's prompts (already repeated `num_generations` times, plain strings or
     chat message lists) and returns `prompt_ids`, `completion_ids`, `logprobs` (of the processed sampling
-    distribution), `env_mask` (0 on tool-result tokens, so TRL drops them from the loss), and with tools also
-    `tool_calls` and `tool_results`, which TRL forwards to reward functions as keyword arguments.
+    distribution), `env_mask` (0 on tool-result tokens, so TRL drops them from the loss), `weight_version` (the trainer
+    step whose weights generated each rollout), and with tools also `tool_calls` and `tool_results`; TRL forwards the
+    extra keys to reward functions as keyword arguments.
+
+    With `inference` set (another engine than the trainer's model, e.g. vLLM), the rollouts are corrected for the
+    sampler/trainer mismatch as TRL corrects its own vLLM rollouts, driven by the same `GRPOConfig` fields
+    (`vllm_importance_sampling_correction`, `_mode`, `_clip_min`, `_clip_max`) and logged under the same metric names
+    through `rf.reward_funcs`: see `trl_inference_ext.trl.correction`. With `inference=None` the sampler is the
+    trainer's model, the ratio is 1 up to float error, and the extra scoring pass is skipped.
 
     The tool loop's settings come either from `tool_loop` or from the keyword arguments of the same names (see
     `ToolLoopConfig` for each): not both. They are checked here, before training starts.
@@ -228,6 +385,15 @@ def rollout_func(
         tool_loop (`ToolLoopConfig`, *optional*): All the tool-loop settings above at once (`max_tool_turns`,
             `stop_tools`, `tool_timeout`, `tool_isolation`, `tool_memory_limit`, `max_tool_output_chars`,
             `reuse_kv`); passing it together with any of those keyword arguments raises a `TypeError` naming them.
+        weight_sync_interval (`int`, *optional*, defaults to 1): With `inference` set, push the trainer's weights
+            every this many optimizer steps; the rollouts in between come from weights up to `interval - 1` steps old
+            (their `weight_version` says which) and are corrected or dropped as below.
+        max_policy_lag (`int`, *optional*): Most optimizer steps a rollout's weights may lag behind the trainer's
+            and still be trained on (corrected by the importance ratio); older rollouts are dropped from the loss
+            (`env_mask` 0). `None`: no bound beyond the correction. With the correction off, any lagging rollout is
+            dropped. A failed weight push is tolerated while the lag stays within this bound (logged); beyond it, or
+            before the first push, the push error is raised. Logged: `sampling/policy_lag/{mean,max}`,
+            `sampling/stale_rollouts_dropped`.
         **sampling: Overrides for the sampling settings read from `trainer.args` (`temperature`, `top_p`, `top_k`,
             `max_new_tokens`, `seed`, `stop`).
 
@@ -245,6 +411,8 @@ def rollout_func(
     if tool_parser not in PARSER_NAMES:
         raise InvalidValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {tool_parser!r}.")
     check_fold_mode(fold_lora)
+    POSITIVE_INT("weight_sync_interval", weight_sync_interval)
+    int_at_least(0).or_none()("max_policy_lag", max_policy_lag)
     return RolloutFunction(
         inference,
         tools=tools,
@@ -253,6 +421,8 @@ def rollout_func(
         tool_executor=_tool_executor(tools, tool_loop),
         sampling=sampling,
         fold_lora=fold_lora,
+        weight_sync_interval=weight_sync_interval,
+        max_policy_lag=max_policy_lag,
     )
 
 

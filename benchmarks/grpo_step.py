@@ -7,7 +7,10 @@ generations per step, temperature 0.7, in its own subprocess (its own threads, m
 - `trl`: TRL's built-in generation (`use_vllm=False`, `model.generate` on the PEFT model);
 - `ours-hf`: `rollout_func()`, this project's Hugging Face backend on the trainer's model (LoRA folded for decoding);
 - `ours-vllm`: `rollout_func(inference=InferenceModule(MODEL, backend="vllm", enforce_eager=True, dtype="float32",
-  kv_cache_memory_bytes=...))`, an in-process vLLM engine that gets the trainer's weights at each step;
+  kv_cache_memory_bytes=...))`, an in-process vLLM engine that gets the trainer's weights at each step, with the
+  mismatch correction on (TRL's default `sequence_mask`; its scoring pass with the trainer's model is part of the
+  generation phase);
+- `ours-vllm-uncorrected`: the same with `vllm_importance_sampling_correction=False` (no scoring pass);
 - `trl-vllm`: TRL's vLLM colocate mode (`use_vllm=True, vllm_mode="colocate"`), run as TRL ships it: where it fails
   on the CPU build the row records the failure instead of a time;
 - `trl-tools` / `ours-tools`: TRL's tool loop (`GRPOTrainer(tools=[calculator])`, `max_tool_calling_iterations=1`)
@@ -80,6 +83,7 @@ ROWS: dict[str, str] = {
     "trl": "TRL built-in generation (`use_vllm=False`)",
     "ours-hf": "ours `rollout_func()`, Hugging Face backend",
     "ours-vllm": "ours `rollout_func(inference=vLLM in-process)`",
+    "ours-vllm-uncorrected": "the same, mismatch correction off",
     "trl-vllm": "TRL vLLM colocate (`use_vllm=True`)",
     "trl-tools": "TRL tool loop (`tools=[calculator]`)",
     "ours-tools": "ours `rollout_func(tools=[calculator])`",
@@ -141,6 +145,15 @@ completions make a well-formed call.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 NUM_PROMPTS, NUM_GENERATIONS, TEMPERATURE, BETA = 2, 4, 0.7, 0.02
 VLLM_KV_CACHE_BYTES = 1 << 30
+CORRECTION_METRICS = (
+    "sampling/importance_sampling_ratio/min",
+    "sampling/importance_sampling_ratio/mean",
+    "sampling/importance_sampling_ratio/max",
+    "sampling/raw_importance_sampling_ratio/mean",
+    "sampling/importance_sampling_masked_fraction",
+    "sampling/sampling_logp_difference/max",
+)
+"""The mismatch correction's metrics kept per step (see `trl_inference_ext.trl.correction`)."""
 CONTENTION = 0.75  # a step whose CPU s is under this x threads x wall s waited on other processes
 
 
@@ -162,7 +175,7 @@ class Plan:
 SHAPES = ("short", "long", "tools")
 FULL = Plan(
     rows={
-        "short": ("trl", "ours-hf", "ours-vllm", "trl-vllm"),
+        "short": ("trl", "ours-hf", "ours-vllm", "ours-vllm-uncorrected", "trl-vllm"),
         "long": ("trl", "ours-hf", "ours-vllm", "trl-vllm"),
         "tools": ("trl-tools", "ours-tools", "ours-vllm-tools"),
     },
@@ -481,6 +494,9 @@ def _train(
     if row == "trl-tools":
         kwargs["tools"] = [calculator]
         config["max_tool_calling_iterations"] = 1
+    if row == "ours-vllm-uncorrected":
+        config["vllm_importance_sampling_correction"] = False
+    reward_funcs: list[Any] = [reward]
     if row.startswith("ours"):
         inference = context.get("inference")
         if row.startswith("ours-vllm") and inference is None:
@@ -499,12 +515,14 @@ def _train(
         with_tools = row.endswith("-tools")
         tool_loop = ToolLoopConfig(max_tool_turns=1)
         tools = {"tools": [calculator], "tool_parser": "hermes", "tool_loop": tool_loop} if with_tools else {}
-        kwargs["rollout_func"] = timed_rollout(rollout_func(inference=inference, **tools), timer)
+        rf = rollout_func(inference=inference, **tools)
+        reward_funcs = [*rf.reward_funcs, reward]  # the correction's metrics reach the logs through these
+        kwargs["rollout_func"] = timed_rollout(rf, timer)
 
     begin = time.perf_counter()
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=[reward],
+        reward_funcs=reward_funcs,
         args=GRPOConfig(**config),
         train_dataset=build_dataset(shape, steps),
         processing_class=tokenizer,
@@ -531,6 +549,9 @@ def _train(
             record["prompt_tokens"] = seen - previous_tokens - record["model_tokens"]
             previous_tokens = seen
             record["clipped_ratio"] = entry.get("completions/clipped_ratio")
+            for name in CORRECTION_METRICS:
+                if name in entry:
+                    record[name] = entry[name]
             if i < len(reward.calls):
                 record.update(reward.calls[i])
         report["steps"] = timer.steps
@@ -605,6 +626,10 @@ def summarize(report: dict[str, Any], gemm_gflops: float) -> dict[str, Any]:
     out["with_call"] = sum(s.get("with_call", 0) for s in steps) / completions if completions else None
     flops_per_token = 2 * report.get("parameters", 0)
     out["gemm_fraction"] = out["tokens_per_s"] * flops_per_token / (gemm_gflops * 1e9) if gemm_gflops else None
+    for name in CORRECTION_METRICS:
+        values = [s[name] for s in steps if s.get(name) is not None]
+        reduce = min if name.endswith("/min") else max if name.endswith("/max") else statistics.mean
+        out[name] = reduce(values) if values else None
     threads = report.get("threads", 1)
     out["waited"] = [s["cpu_s"] < CONTENTION * threads * s["step_s"] for s in measured]
     return out
@@ -658,6 +683,29 @@ def format_shape_table(shape: str, reports: dict[str, dict[str, Any]], gemm_gflo
             ]
         cells.append(each)
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_correction_table(shape: str, reports: dict[str, dict[str, Any]], gemm_gflops: float) -> str | None:
+    """Markdown table of the vLLM rows of one shape: step time with the correction against without, and the logged
+    ratio statistics (over every step); `None` when no row of the shape ran with the correction."""
+    summaries = {row: summarize(r, gemm_gflops) for row, r in reports.items() if not r.get("error")}
+    corrected = {row: s for row, s in summaries.items() if s.get("sampling/importance_sampling_ratio/mean") is not None}
+    if not corrected:
+        return None
+    off = summaries.get("ours-vllm-uncorrected")
+    lines = [
+        "| row | step s | vs correction off | IS ratio min / mean / max | raw ratio mean | masked | logp diff max |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
+    for row, s in corrected.items():
+        vs = f"{s['step_s'] / off['step_s']:.2f}" if off else "n/a"
+        ratio = " / ".join(f"{s[f'sampling/importance_sampling_ratio/{k}']:.4f}" for k in ("min", "mean", "max"))
+        raw = s["sampling/raw_importance_sampling_ratio/mean"]
+        masked, diff = s["sampling/importance_sampling_masked_fraction"], s["sampling/sampling_logp_difference/max"]
+        lines.append(f"| `{row}` | {s['step_s']:.2f} | {vs} | {ratio} | {raw:.4f} | {masked:.0%} | {diff:.2e} |")
+    if off:
+        lines.append(f"| `ours-vllm-uncorrected` | {off['step_s']:.2f} | 1.00 | (off) | | | |")
     return "\n".join(lines)
 
 
@@ -739,6 +787,9 @@ def main() -> None:
             f"new tokens, T={TEMPERATURE}, {counts} step(s) per row"
         )
         tables.append(caption + "\n\n" + format_shape_table(shape, shape_reports, peak))
+        correction = format_correction_table(shape, shape_reports, peak)
+        if correction:
+            tables.append(f"**{shape}**, mismatch correction (TRL's `sequence_mask`, clip max 3):\n\n{correction}")
     table = "\n\n".join(tables)
     print("\n" + table)
     ran = [r for shape_reports in reports.values() for r in shape_reports.values() if "parameters" in r]

@@ -8,8 +8,11 @@ and tool-result tokens are masked out of the loss through `env_mask`.
     accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/grpo_tools.py --model PATH --output_dir out
     python recipes/grpo_tools.py --config recipes/grpo_tools.yaml          # the same, from a YAML file
 
-`--model` is any local causal LM folder (`tiny` builds a tiny random model). `--use_vllm` generates with this
-package's vLLM backend (weights pushed from the trainer at each step) instead of the trainer's model.
+`--model` is any local causal LM folder (`tiny` builds a tiny random model). `--inference_backend vllm` (or
+`--use_vllm`) generates with this package's in-process vLLM engine (weights pushed from the trainer at each step)
+instead of the trainer's model; `auto` takes vLLM where it is installed and usable, else the trainer's model (saying
+so in one line). Rollouts from vLLM are corrected for the sampler/trainer mismatch as TRL corrects its own
+(`vllm_importance_sampling_*` in the config; metrics `sampling/*`).
 `--vllm_server_urls URL1,URL2` generates on vLLM servers started with `trl-inference serve MODEL --lora-rank R`
 (the same model folder; key in $VLLM_API_KEY), pushing the LoRA adapter to every server at each step.
 """
@@ -50,6 +53,14 @@ class RecipeArguments:
     )
     log_rollouts: bool = field(
         default=False, metadata={"help": "Write each rank's rollouts to OUTPUT/rollouts_rankN.jsonl."}
+    )
+    inference_backend: str = field(
+        default="trainer",
+        metadata={
+            "help": "Who generates the rollouts: 'trainer' (the trainer's model), 'vllm' (an in-process vLLM engine "
+            "fed the trainer's weights at each step), 'auto' (vLLM when it is installed and usable, else 'trainer').",
+            "choices": ["trainer", "vllm", "auto"],
+        },
     )
     vllm_server_urls: str | None = field(
         default=None,
@@ -97,7 +108,7 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
             api_key=os.environ.get("VLLM_API_KEY"),
             tool_parser=args.tool_parser,
         )
-    elif training_args.use_vllm:  # our vLLM backend generates; TRL's own vLLM path stays off
+    elif _wants_vllm(args, training_args):  # our vLLM backend generates; TRL's own vLLM path stays off
         training_args.use_vllm = False
         # On a GPU the trainer shares the device: take TRL's memory share. On the CPU build the backend sizes the KV
         # cache in bytes by itself (a share of RAM would depend on what this process already holds).
@@ -115,11 +126,17 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
     if args.log_rollouts:
         rollout = _logging_rollout(rollout, Path(training_args.output_dir))
     recorder = RolloutRecorder(rollout)
+    extra = rollout.reward_funcs  # with vLLM: the mismatch correction's metrics (they score nothing)
     if training_args.reward_weights is None:
         training_args.reward_weights = [1.0, args.format_reward_weight]
+    training_args.reward_weights = [0.0] * len(extra) + list(training_args.reward_weights)
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=[correct_answer_reward, tool_call_reward(tools=[calculator], tool_parser=args.tool_parser)],
+        reward_funcs=[
+            *extra,
+            correct_answer_reward,
+            tool_call_reward(tools=[calculator], tool_parser=args.tool_parser),
+        ],
         args=training_args,
         train_dataset=Dataset.from_list(
             make_problems(args.num_problems, args.problem_seed, few_shot=args.few_shot, tool_parser=args.tool_parser)
@@ -131,6 +148,23 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
         rollout_func=recorder,
     )
     return trainer, recorder
+
+
+def _wants_vllm(args: RecipeArguments, training_args: Any) -> bool:
+    """Whether the in-process vLLM engine generates (`--inference_backend`, or `--use_vllm` as before)."""
+    if args.inference_backend not in ("trainer", "vllm", "auto"):
+        raise ValueError(f"--inference_backend must be trainer, vllm or auto, got {args.inference_backend!r}")
+    if training_args.use_vllm or args.inference_backend == "vllm":
+        return True
+    if args.inference_backend == "trainer":
+        return False
+    from trl_inference_ext.backends.vllm.availability import is_vllm_usable
+
+    if is_vllm_usable():
+        print("Generating with the in-process vLLM engine (--inference_backend auto).", flush=True)
+        return True
+    print("vLLM is not usable here: generating with the trainer's model (--inference_backend auto).", flush=True)
+    return False
 
 
 def _logging_rollout(rollout: Any, output_dir: Path) -> Any:
@@ -167,7 +201,7 @@ def main() -> None:
         report = training_report(history, recorder)
         weights = training_args.reward_weights
         name = "SmolLM2-135M-Instruct" if args.model == "default" else Path(args.model).name
-        title = f"GRPO + LoRA, {name}: total = {weights[0]:g} x correct answer + {weights[1]:g} x valid call"
+        title = f"GRPO + LoRA, {name}: total = {weights[-2]:g} x correct answer + {weights[-1]:g} x valid call"
         plot = plot_rewards(history, output_dir / "reward_curve.png", title=title)
         with open(output_dir / "metrics.json", "w") as f:
             json.dump({"log_history": history, "report": report}, f, indent=1, default=str)

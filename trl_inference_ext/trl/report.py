@@ -101,7 +101,9 @@ def plot_rewards(log_history: list[dict[str, Any]], path: str | Path, title: str
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [e["reward"] for e in entries], marker="o", label="total reward")
     for key in sorted({k for e in entries for k in e if k.startswith("rewards/") and k.endswith("/mean")}):
-        ax.plot(steps, [e.get(key, math.nan) for e in entries], linestyle="--", label=key[len("rewards/") : -5])
+        values = [math.nan if e.get(key) is None else e[key] for e in entries]  # TRL logs None for a skipped function
+        if not all(math.isnan(v) for v in values):
+            ax.plot(steps, values, linestyle="--", label=key[len("rewards/") : -5])
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("mean reward")
     if title:

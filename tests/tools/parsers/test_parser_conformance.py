@@ -31,6 +31,21 @@ def render(fmt: str, calls: list[tuple[str, dict[str, Any]]]) -> str:
     return get_format(fmt).render(calls)
 
 
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+
+
+def schemas_for(calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Tool schemas declaring the type of every argument of `calls`.
+
+    Formats that carry values as text (`qwen3_xml`) read them as the string written unless a schema gives a type.
+    """
+    properties: dict[str, dict[str, Any]] = {}
+    for name, arguments in calls:
+        types = {key: {"type": _JSON_TYPES.get(type(value), "null")} for key, value in arguments.items()}
+        properties.setdefault(name, {}).update(types)
+    return [{"name": name, "parameters": {"type": "object", "properties": p}} for name, p in properties.items()]
+
+
 def _named(calls: list[Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(call.name, call.arguments) for call in calls]
 
@@ -63,13 +78,13 @@ def test_parallel_calls(parse, fmt):
     "arguments", [ALL_TYPES, NESTED, ESCAPED, UNICODE, {}], ids=["types", "nested", "escaped", "unicode", "empty"]
 )
 def test_argument_values_round_trip(parse, fmt, arguments):
-    calls = parse(fmt, render(fmt, [("tool", arguments)]))
+    calls = parse(fmt, render(fmt, [("tool", arguments)]), tool_schemas=schemas_for([("tool", arguments)]))
     assert _named(calls) == [("tool", arguments)]
 
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 def test_value_types_are_preserved(parse, fmt):
-    (call,) = parse(fmt, render(fmt, [("tool", ALL_TYPES)]))
+    (call,) = parse(fmt, render(fmt, [("tool", ALL_TYPES)]), tool_schemas=schemas_for([("tool", ALL_TYPES)]))
     for key, value in ALL_TYPES.items():
         assert type(call.arguments[key]) is type(value), key
 
@@ -114,7 +129,7 @@ def test_offsets_with_think_and_unicode_before_calls(parse, fmt):
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 def test_auto_parser_reads_every_format(parse, fmt):
     expected = [("search", {"query": "a", "n": 2}), ("clock", {})]
-    calls = parse("auto", render(fmt, expected))
+    calls = parse("auto", render(fmt, expected), tool_schemas=schemas_for(expected))
     assert _named(calls) == expected
 
 

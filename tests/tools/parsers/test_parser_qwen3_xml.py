@@ -32,6 +32,9 @@ def test_basic_call(parse):
     text = block("search", query="Python tutorials", max_results="5")
     (call,) = parse("qwen3_xml", text)
     assert call.ok and call.raw_text == text
+    assert call.arguments == {"query": "Python tutorials", "max_results": "5"}
+    schema = {"name": "search", "parameters": {"query": "string", "max_results": "int"}}
+    (call,) = parse("qwen3_xml", text, tool_schemas=[schema])
     assert call.arguments == {"query": "Python tutorials", "max_results": 5}
 
 
@@ -64,11 +67,19 @@ def test_schema_conversion_falls_back_to_the_text(parse):
     assert call.arguments == {"i": "many", "b": "yes"}
 
 
-def test_without_schema_values_are_json_decoded(parse):
-    (call,) = parse(
-        "qwen3_xml", block("g", s="007x", i="42", l="[1, 2]", t="true", q='"quoted"'), tool_schemas=[SCHEMA]
-    )
-    assert call.arguments == {"s": "007x", "i": 42, "l": [1, 2], "t": True, "q": "quoted"}
+def test_without_schema_values_stay_the_text_written(parse):
+    values = {"s": "007", "i": "42", "l": "[1, 2]", "t": "true", "q": '"quoted"', "z": "null", "o": '{"a": 1}'}
+    for schemas in (None, [SCHEMA]):  # `g` has no schema in SCHEMA either
+        (call,) = parse("qwen3_xml", block("g", **values), tool_schemas=schemas)
+        assert call.ok and call.arguments == values
+
+
+def test_parameters_missing_from_the_schema_stay_the_text_written(parse):
+    (call,) = parse("qwen3_xml", block("f", i="42", extra="42", untyped="7"), tool_schemas=[SCHEMA])
+    assert call.arguments == {"i": 42, "extra": "42", "untyped": "7"}
+    schema = {"name": "f", "parameters": {"type": "object", "properties": {"untyped": {"description": "a count"}}}}
+    (call,) = parse("qwen3_xml", block("f", untyped="7"), tool_schemas=[schema])
+    assert call.arguments == {"untyped": "7"}
 
 
 def test_shorthand_schema(parse):
@@ -96,7 +107,7 @@ def test_missing_function(parse):
 def test_unclosed(parse):
     complete = "<tool_call>\n<function=f>\n<parameter=x>\n1\n</parameter>\n</function>\n"
     (call,) = parse("qwen3_xml", complete)
-    assert call.ok and call.arguments == {"x": 1}
+    assert call.ok and call.arguments == {"x": "1"}
     (call,) = parse("qwen3_xml", "<tool_call>\n<function=f>\n<parameter=x>\n1\n</parameter>\n")
     assert call.status == "unclosed" and call.name == "f"
     (call,) = parse("qwen3_xml", "<tool_call>\n<function=f>\n<parameter=x>\n1")
@@ -123,7 +134,8 @@ def call_block(body: str) -> str:
     return f"<tool_call>\n<function=write>\n{body}</function>\n</tool_call>"
 
 
-# A parameter left open: the next <parameter= of the same function ends the value; the call is never "ok".
+# A parameter left open: its value runs on to the next closing position, is never split into parameters, and the call
+# is never "ok".
 
 LEFT_OPEN = {
     "layout": "<parameter=path>\nnotes.txt\n<parameter=mode>\nappend\n</parameter>\n",
@@ -136,10 +148,11 @@ LEFT_OPEN = {
 
 
 @pytest.mark.parametrize("body", LEFT_OPEN.values(), ids=LEFT_OPEN.keys())
-def test_parameter_left_open_is_ended_by_the_next_parameter(parse, body):
+def test_parameter_left_open_is_kept_whole_and_reported(parse, body):
     (call,) = parse("qwen3_xml", call_block(body))
-    assert call.name == "write" and call.arguments == {"path": "notes.txt", "mode": "append"}
-    assert call.status == "invalid_arguments" and "<parameter=path>" in call.error
+    value = body[len("<parameter=path>") : body.rindex("</parameter>")].strip("\n")
+    assert call.name == "write" and call.arguments == {"path": value}
+    assert call.status == "invalid_arguments" and "never closed" in call.error
 
 
 def test_last_parameter_left_open_is_ended_by_the_function_or_block_close(parse):
@@ -150,7 +163,7 @@ def test_last_parameter_left_open_is_ended_by_the_function_or_block_close(parse)
         "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\ntwo" + " " * 5000 + "</function>",
     ):
         (call,) = parse("qwen3_xml", text)
-        assert call.arguments == {"a": 1, "b": "two"}, text
+        assert call.arguments == {"a": "1", "b": "two"}, text
         assert call.status == "invalid_arguments" and "<parameter=b>" in call.error
 
 
@@ -158,7 +171,7 @@ def test_several_parameters_left_open_and_schema_conversion(parse):
     schemas = [{"name": "f", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}]
     text = "<tool_call><function=f><parameter=n>7<parameter=s>x<parameter=t>y</parameter></function></tool_call>"
     (call,) = parse("qwen3_xml", text, tool_schemas=schemas)
-    assert call.arguments == {"n": 7, "s": "x", "t": "y"} and call.status == "invalid_arguments"
+    assert call.arguments == {"n": "7<parameter=s>x<parameter=t>y"} and call.status == "invalid_arguments"
 
 
 def test_parameter_left_open_keeps_the_next_call(parse):
@@ -167,15 +180,15 @@ def test_parameter_left_open_keeps_the_next_call(parse):
         "<tool_call>\n<function=b>\n<parameter=z>\n3\n</parameter>\n</function>\n</tool_call>"
     )
     a, b = parse("qwen3_xml", text)
-    assert (a.name, a.status, a.arguments) == ("a", "invalid_arguments", {"x": 1, "y": 2})
-    assert (b.name, b.status, b.arguments) == ("b", "ok", {"z": 3})
+    assert (a.name, a.status, a.arguments) == ("a", "invalid_arguments", {"x": "1\n<parameter=y>\n2"})
+    assert (b.name, b.status, b.arguments) == ("b", "ok", {"z": "3"})
     assert a.end_pos <= b.start_pos
 
 
 def test_missing_function_close_is_not_ok(parse):
     text = "<tool_call>\n<function=a>\n<parameter=x>\n1\n</parameter>\n</tool_call>\n<tool_call>\n<function=b>\n</function>\n</tool_call>"
     a, b = parse("qwen3_xml", text)
-    assert (a.name, a.status, a.arguments) == ("a", "invalid_arguments", {"x": 1})
+    assert (a.name, a.status, a.arguments) == ("a", "invalid_arguments", {"x": "1"})
     assert a.raw_text.endswith("</tool_call>") and b.ok
     text = "<tool_call>\n<function=a>\n<parameter=x>\n1\n</parameter>\n<tool_call>\n<function=b>\n</function>\n</tool_call>"
     a, b = parse("qwen3_xml", text)
@@ -203,6 +216,8 @@ KEPT_WHOLE = {
         "</function>\n</tool_call>\n{%- endfor %}"
     ),
     "xml_document": "<root>\n  <function=legacy>\n    <item>1</item>\n  </function>\n</root>",
+    "prose_open_tag": "See <parameter=mode> below",
+    "prose_function_close": "a </function> b",
 }
 
 
@@ -240,8 +255,8 @@ def test_a_call_written_in_a_value_is_never_returned_as_a_call(parse):
 def test_ambiguous_tag_text_is_never_ok(parse):
     for content in (
         "<parameter=x>\n1\n</parameter>\n</function>\n</tool_call>",  # reads as a shorter call plus stray tags
-        "See <parameter=mode> below",  # an unpaired, unquoted parameter tag: it ends the value
-        "a </function> b",  # an unquoted function close ends the value
+        "<parameter=x>\n1",  # a parameter tag on a line of its own, never closed: a forgotten </parameter>?
+        "done\n</parameter>\n</function>\n</tool_call>\nmore",  # the tail of a call: the value is read shorter
     ):
         calls = parse("qwen3_xml", call_block(f"<parameter=content>\n{content}\n</parameter>\n"))
         assert calls[0].name == "write" and not calls[0].ok, content

@@ -33,6 +33,11 @@ QWEN3_LITERALS = [
     "(<function=f><parameter=p>1</parameter></function>)",
     "[<tool_call>\n<function=g>\n<parameter=q>\n2\n</parameter>\n</function>\n</tool_call>]",
     '"<tool_call>"',
+    'f"<tool_call>{body}"',
+    "See <parameter=mode> below",
+    "a </function> b",
+    '{"tag": "<a>", "n": 5}',
+    "0",
 ]
 """Tag text that stays literal inside a `qwen3_xml` value wherever it is placed (see the module's rules)."""
 
@@ -74,12 +79,10 @@ identifiers = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,12}", fullmatch=True).filt
 dotted_names = st.lists(identifiers, min_size=1, max_size=3).map(".".join)
 
 tag_free_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="<"), max_size=10)
-qwen3_strings = (
-    st.lists(st.one_of(tag_free_text, st.sampled_from(QWEN3_LITERALS)), max_size=4).map("".join).filter(_not_json)
-)
-qwen3_names = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="<>\n"), min_size=1, max_size=12
-).filter(lambda n: n == n.strip() and bool(n))
+qwen3_strings = st.lists(st.one_of(tag_free_text, st.sampled_from(QWEN3_LITERALS)), max_size=4).map("".join)
+qwen3_names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_.:-]{0,12}", fullmatch=True)
+json_containers = json_values.filter(lambda v: not isinstance(v, str))
+"""Values written as JSON (strings are written as they are, so they come from a format's own string domain)."""
 xml_names = any_text.filter(lambda n: bool(n) and n == n.strip() and len(n) <= 40)
 text_values = st.one_of(json_strings.filter(_not_json), json_values.filter(lambda v: not isinstance(v, str)))
 
@@ -89,12 +92,33 @@ DOMAINS = {
     "llama3_json": _calls(json_names, json_strings, json_values),
     "mistral": _calls(json_names, json_strings, json_values),
     "function": _calls(dotted_names, identifiers, json_values),
-    "qwen3_xml": _calls(
-        qwen3_names, qwen3_names, st.one_of(qwen3_strings, json_values.filter(lambda v: not isinstance(v, str)))
+    "qwen3_xml": st.lists(
+        st.tuples(qwen3_names, st.dictionaries(qwen3_names, st.one_of(qwen3_strings, json_containers), max_size=4)),
+        max_size=3,
+        unique_by=lambda call: call[0],
     ),
     "xml": _calls(xml_names, xml_names, text_values),
 }
 """The calls each format can write, by format name."""
+
+
+TYPED_BY_SCHEMA = {"qwen3_xml"}
+"""Formats that carry values as text and read them with their declared type only (the string written otherwise)."""
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+
+
+def _schemas(calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Tool schemas declaring the type of every argument (each name occurs once in a `TYPED_BY_SCHEMA` domain)."""
+    return [
+        {
+            "name": name,
+            "parameters": {
+                "type": "object",
+                "properties": {key: {"type": _JSON_TYPES.get(type(v), "null")} for key, v in arguments.items()},
+            },
+        }
+        for name, arguments in calls
+    ]
 
 
 def test_every_registered_format_has_a_domain():
@@ -107,7 +131,8 @@ def test_every_registered_format_has_a_domain():
 def test_parse_of_render_gives_the_calls_back(tool_format, data, prefix):
     calls = data.draw(DOMAINS[tool_format.name], label="calls")
     text = prefix + tool_format.render(calls)
-    parsed = get_parser(tool_format.name).parse(text, strict=True)
+    schemas = _schemas(calls) if tool_format.name in TYPED_BY_SCHEMA else None
+    parsed = get_parser(tool_format.name, tool_schemas=schemas).parse(text, strict=True)
     assert [(c.name, c.arguments, c.status) for c in parsed] == [(n, a, "ok") for n, a in calls]
     for call in parsed:
         assert text[call.start_pos : call.end_pos] == call.raw_text
@@ -115,7 +140,15 @@ def test_parse_of_render_gives_the_calls_back(tool_format, data, prefix):
 
 @pytest.mark.parametrize(
     ("name", "bad_name"),
-    [("function", "not a name"), ("function", "if"), ("qwen3_xml", "a<b"), ("qwen3_xml", " padded"), ("xml", "")],
+    [
+        ("function", "not a name"),
+        ("function", "if"),
+        ("qwen3_xml", "a<b"),
+        ("qwen3_xml", " padded"),
+        ("qwen3_xml", "{{ tc.name }}"),
+        ("qwen3_xml", "1st"),
+        ("xml", ""),
+    ],
 )
 def test_names_a_format_cannot_write_are_refused(name, bad_name):
     from trl_inference_ext.tools.parsers import get_format

@@ -108,7 +108,7 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
             api_key=os.environ.get("VLLM_API_KEY"),
             tool_parser=args.tool_parser,
         )
-    elif _wants_vllm(args, training_args):  # our vLLM backend generates; TRL's own vLLM path stays off
+    elif wants_vllm(args, training_args):  # our vLLM backend generates; TRL's own vLLM path stays off
         training_args.use_vllm = False
         # On a GPU the trainer shares the device: take TRL's memory share. On the CPU build the backend sizes the KV
         # cache in bytes by itself (a share of RAM would depend on what this process already holds).
@@ -123,10 +123,10 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
             **memory,
         )
     rollout = rollout_func(inference=inference, tools=[calculator], tool_parser=args.tool_parser, tool_loop=tool_loop)
+    extra = rollout.reward_funcs  # with vLLM: the mismatch correction's metrics (they score nothing)
     if args.log_rollouts:
         rollout = _logging_rollout(rollout, Path(training_args.output_dir))
     recorder = RolloutRecorder(rollout)
-    extra = rollout.reward_funcs  # with vLLM: the mismatch correction's metrics (they score nothing)
     if training_args.reward_weights is None:
         training_args.reward_weights = [1.0, args.format_reward_weight]
     training_args.reward_weights = [0.0] * len(extra) + list(training_args.reward_weights)
@@ -150,7 +150,7 @@ def build_trainer(args: RecipeArguments, training_args: Any) -> tuple[Any, Any]:
     return trainer, recorder
 
 
-def _wants_vllm(args: RecipeArguments, training_args: Any) -> bool:
+def wants_vllm(args: RecipeArguments, training_args: Any) -> bool:
     """Whether the in-process vLLM engine generates (`--inference_backend`, or `--use_vllm` as before)."""
     if args.inference_backend not in ("trainer", "vllm", "auto"):
         raise ValueError(f"--inference_backend must be trainer, vllm or auto, got {args.inference_backend!r}")

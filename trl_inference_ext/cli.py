@@ -1,6 +1,7 @@
 """trl-inference: generate or score from the command line, JSONL in and out.
 
   trl-inference generate --model PATH [--adapter DIR] --prompt "What is 2+2?" [--chat] [--max-new-tokens 64]
+  trl-inference generate --model PATH --prompt "2+2?" --chat --chat-template-kwargs '{"enable_thinking": false}'
   trl-inference generate --model default --prompts prompts.jsonl --output out.jsonl --num-return-sequences 4
   trl-inference score --model PATH --pairs pairs.jsonl --output scores.jsonl
   trl-inference serve MODEL [--port 8000] [--lora-rank 16]     (a vLLM server for training; see serve --help)
@@ -88,6 +89,23 @@ def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str],
     return parse
 
 
+def _template_kwargs(text: str) -> dict[str, Any]:
+    """An argparse `type` parsing `--chat-template-kwargs`: a JSON object of chat-template variables."""
+    from .tokenization import check_chat_template_kwargs
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r} ({e.msg})") from None
+    if not isinstance(value, dict):
+        example = json.dumps({"enable_thinking": False})
+        raise argparse.ArgumentTypeError(f"must be a JSON object (e.g. '{example}'), got {text!r}")
+    try:
+        return check_chat_template_kwargs(value, "--chat-template-kwargs")
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(one_line(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `trl-inference` (subcommands `generate` and `score`)."""
     parser = argparse.ArgumentParser(prog="trl-inference", description=__doc__, formatter_class=_HelpFormatter)
@@ -105,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--dtype", default="float32", choices=["auto", "float16", "bfloat16", "float32"], help="model dtype"
         )
         p.add_argument("--batch-size", type=_number(int, 1), default=8, help="input rows per model call")
+        p.add_argument(
+            "--chat-template-kwargs",
+            type=_template_kwargs,
+            default=None,
+            metavar="JSON",
+            help="JSON object of extra chat-template variables for chat prompts, as TRL's "
+            "GRPOConfig.chat_template_kwargs (e.g. '{\"enable_thinking\": false}' for Qwen3)",
+        )
         p.add_argument("--output", default=None, help=_RESUME_HELP)
         p.add_argument(
             "--overwrite", action="store_true", help="replace an existing --output file instead of resuming it"
@@ -148,14 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_module(model: str, adapter: str | None, backend: str, dtype: str, tool_parser: str) -> Any:
+def load_module(
+    model: str,
+    adapter: str | None,
+    backend: str,
+    dtype: str,
+    tool_parser: str,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> Any:
     """Builds an `InferenceModule` (`default` is the embedded model), attaching a PEFT adapter when given."""
     from . import InferenceModule
     from .model_source import resolve_model_name
 
     model = resolve_model_name(model)
     if adapter is None:
-        return InferenceModule(model, backend=backend, dtype=dtype, tool_parser=tool_parser)
+        return InferenceModule(
+            model, backend=backend, dtype=dtype, tool_parser=tool_parser, chat_template_kwargs=chat_template_kwargs
+        )
     if backend != "huggingface":
         raise InvalidValueError("`--adapter` needs the huggingface backend (merge the adapter to serve it with vLLM).")
     from peft import PeftModel
@@ -165,7 +200,12 @@ def load_module(model: str, adapter: str | None, backend: str, dtype: str, tool_
 
     base = HuggingFaceBackend.from_pretrained(model, dtype=dtype).model
     tokenizer = AutoTokenizer.from_pretrained(adapter if (Path(adapter) / "tokenizer_config.json").exists() else model)
-    return InferenceModule.from_model(PeftModel.from_pretrained(base, adapter), tokenizer, tool_parser=tool_parser)
+    return InferenceModule.from_model(
+        PeftModel.from_pretrained(base, adapter),
+        tokenizer,
+        tool_parser=tool_parser,
+        chat_template_kwargs=chat_template_kwargs,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- input rows
@@ -241,11 +281,13 @@ def _encode(module: Any, rows: Sequence[Row], with_response: bool) -> list[tuple
 
     from .tokenization import encode_prompt, encode_response
 
-    vocab, limit = module.vocab_size, module.backend.max_context_length
+    vocab, limit, template_kwargs = module.vocab_size, module.backend.max_context_length, module.chat_template_kwargs
     encoded = []
     for row in rows:
         try:
-            prompt = encode_prompt(module.tokenizer, row.data["prompt"], "prompt", vocab_size=vocab)
+            prompt = encode_prompt(
+                module.tokenizer, row.data["prompt"], "prompt", vocab_size=vocab, chat_template_kwargs=template_kwargs
+            )
             response = None
             if with_response:
                 response = encode_response(module.tokenizer, row.data["response"], "response", vocab_size=vocab)
@@ -348,7 +390,14 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{args.output}: nothing left to do (--overwrite starts over)", file=sys.stderr)
                 return 0
     try:
-        module = load_module(args.model, args.adapter, args.backend, args.dtype, getattr(args, "tool_parser", "json"))
+        module = load_module(
+            args.model,
+            args.adapter,
+            args.backend,
+            args.dtype,
+            getattr(args, "tool_parser", "json"),
+            args.chat_template_kwargs,
+        )
     except (OSError, ValueError, ImportError) as e:
         raise InputError(f"cannot load --model {args.model}{f' --adapter {args.adapter}' * bool(args.adapter)}: "
                          f"{one_line(e)}") from None  # fmt: skip

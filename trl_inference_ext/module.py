@@ -11,11 +11,19 @@ import torch
 
 from .backends import BACKEND_NAMES, Backend, ScoringConfig, create_backend
 from .backends.capabilities import SupportsAdapterToggling, SupportsTurnCaches
+from .backends.vllm.sampling import DISTRIBUTION_OPTIONS
 from .cache import GenerationCache
 from .errors import InvalidTypeError, InvalidValueError, VLLMEngineStartError
 from .model_source import resolve_model_name
 from .sampled_texts import SAMPLED_TEXTS, vocabulary_fingerprint
-from .tokenization import CompletionDecoder, as_batch, check_ids, encode_prompt, encode_response
+from .tokenization import (
+    CompletionDecoder,
+    as_batch,
+    check_chat_template_kwargs,
+    check_ids,
+    encode_prompt,
+    encode_response,
+)
 from .tools.parsers import PARSER_NAMES, get_parser
 from .types import GenerationResult, SamplingConfig, ToolCall
 
@@ -38,6 +46,10 @@ class InferenceModule:
         cache_size (`int`, *optional*, defaults to 1000): Number of generations to cache (0 disables). Only greedy
             or seeded requests are served from the cache.
         tool_parser (`str`, *optional*, defaults to `"json"`): Tool-call format, see `tools.parsers.PARSER_NAMES`.
+        chat_template_kwargs (`dict`, *optional*): Extra variables for the chat template, passed to every
+            `apply_chat_template` call that renders a prompt or a tool-result turn, as TRL passes
+            `GRPOConfig.chat_template_kwargs` (e.g. `{"enable_thinking": False}` for Qwen3). Kept as the
+            `chat_template_kwargs` attribute, which can be reassigned.
         **backend_kwargs: Backend options. Hugging Face: `device` (`"auto"`, `"cuda"`, `"cpu"`), `dtype`
             (`"auto"`, `"float16"`, `"bfloat16"`, `"float32"`), `trust_remote_code`, `gradient_checkpointing`,
             `attn_implementation`. vLLM: `tensor_parallel_size`, `dtype`, `gpu_memory_utilization`,
@@ -45,7 +57,9 @@ class InferenceModule:
 
     Raises:
         FileNotFoundError: If `model_name` is a path that does not exist ("folder not found: ...").
-        ValueError: If an argument or option is invalid; the message names it and the valid values.
+        ValueError: If an argument or option is invalid; the message names it and the valid values (e.g.
+            `chat_template_kwargs` setting an argument this package sets itself, such as `tools`).
+        TypeError: If `chat_template_kwargs` is not a dict with string keys.
 
     Example:
         ```python
@@ -61,13 +75,14 @@ class InferenceModule:
         backend: str = "huggingface",
         cache_size: int = 1000,
         tool_parser: str = "json",
+        chat_template_kwargs: dict[str, Any] | None = None,
         **backend_kwargs: Any,
     ) -> None:
         if backend not in BACKEND_NAMES:
             raise InvalidValueError(f"`backend` must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
-        self._check_common(cache_size, tool_parser)
+        template_kwargs = self._check_common(cache_size, tool_parser, chat_template_kwargs)
         backend_object = create_backend(backend, resolve_model_name(model_name), **backend_kwargs)
-        self._setup(backend_object, model_name, cache_size, tool_parser)
+        self._setup(backend_object, model_name, cache_size, tool_parser, template_kwargs)
 
     @classmethod
     def from_model(
@@ -79,6 +94,7 @@ class InferenceModule:
         tool_parser: str = "json",
         model_name: str | None = None,
         fold_lora: bool | str = "auto",
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> InferenceModule:
         """Wraps an already-loaded model and tokenizer (e.g. the model a TRL trainer owns) without copying it.
 
@@ -90,32 +106,56 @@ class InferenceModule:
             model_name (`str`, *optional*): Name reported in result metadata.
             fold_lora (`bool` or `"auto"`, *optional*, defaults to `"auto"`): For a PEFT LoRA model, generate from a
                 decode-time copy of the LoRA layers with the adapters folded in (see `HuggingFaceBackend`).
+            chat_template_kwargs (`dict`, *optional*): As in the constructor.
         """
         from .backends.hf.backend import HuggingFaceBackend
 
-        cls._check_common(cache_size, tool_parser)
+        template_kwargs = cls._check_common(cache_size, tool_parser, chat_template_kwargs)
         backend = HuggingFaceBackend(model, tokenizer, model_name=model_name, fold_lora=fold_lora)
         module = cls.__new__(cls)
-        module._setup(backend, backend.model_name, cache_size, tool_parser)
+        module._setup(backend, backend.model_name, cache_size, tool_parser, template_kwargs)
         return module
 
     @classmethod
     def from_backend(
-        cls, backend: Backend, *, cache_size: int = 1000, tool_parser: str = "json", model_name: str | None = None
+        cls,
+        backend: Backend,
+        *,
+        cache_size: int = 1000,
+        tool_parser: str = "json",
+        model_name: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> InferenceModule:
-        """Wraps an existing backend object (any implementation of `backends.Backend`)."""
-        cls._check_common(cache_size, tool_parser)
+        """Wraps an existing backend object (any implementation of `backends.Backend`).
+
+        Args:
+            backend (`Backend`): The backend.
+            cache_size (`int`, *optional*, defaults to 1000): As in the constructor.
+            tool_parser (`str`, *optional*, defaults to `"json"`): As in the constructor.
+            model_name (`str`, *optional*): Name reported in result metadata (default: the backend's).
+            chat_template_kwargs (`dict`, *optional*): As in the constructor.
+        """
+        template_kwargs = cls._check_common(cache_size, tool_parser, chat_template_kwargs)
         module = cls.__new__(cls)
-        module._setup(backend, model_name or backend.model_name, cache_size, tool_parser)
+        module._setup(backend, model_name or backend.model_name, cache_size, tool_parser, template_kwargs)
         return module
 
     @staticmethod
-    def _check_common(cache_size: int, tool_parser: str) -> None:
+    def _check_common(cache_size: int, tool_parser: str, chat_template_kwargs: Any = None) -> dict[str, Any]:
+        """Validates the module's own arguments before any model work; returns `chat_template_kwargs` as a dict."""
         GenerationCache(cache_size)  # validates
         if tool_parser not in PARSER_NAMES:
             raise InvalidValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {tool_parser!r}.")
+        return check_chat_template_kwargs(chat_template_kwargs)
 
-    def _setup(self, backend: Backend, model_name: str, cache_size: int, tool_parser: str) -> None:
+    def _setup(
+        self,
+        backend: Backend,
+        model_name: str,
+        cache_size: int,
+        tool_parser: str,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.backend = backend
         self.model_name = model_name
         self.cache = GenerationCache(cache_size)
@@ -124,6 +164,7 @@ class InferenceModule:
         self._vocabulary = vocabulary_fingerprint(backend.tokenizer)
         self._warned: set[str] = set()
         self.tool_parser_type = tool_parser
+        self.chat_template_kwargs = chat_template_kwargs or {}
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -141,6 +182,18 @@ class InferenceModule:
         if value not in PARSER_NAMES:
             raise InvalidValueError(f"`tool_parser` must be one of {list(PARSER_NAMES)}, got {value!r}.")
         self._tool_parser_type = value
+
+    @property
+    def chat_template_kwargs(self) -> dict[str, Any]:
+        """Extra chat-template variables passed to every `apply_chat_template` call that renders a prompt or a
+        tool-result turn (TRL's `GRPOConfig.chat_template_kwargs`, e.g. `{"enable_thinking": False}`); assign a dict
+        (or `None` for none) to change them. Validated on assignment (see `tokenization.check_chat_template_kwargs`).
+        """
+        return self._chat_template_kwargs
+
+    @chat_template_kwargs.setter
+    def chat_template_kwargs(self, value: dict[str, Any] | None) -> None:
+        self._chat_template_kwargs = check_chat_template_kwargs(value)
 
     @property
     def vocab_size(self) -> int:
@@ -181,13 +234,28 @@ class InferenceModule:
             temperature (`float`, *optional*, defaults to 1.0): Sampling temperature (0 means greedy).
             top_p (`float`, *optional*, defaults to 1.0): Nucleus sampling, in (0, 1].
             top_k (`int`, *optional*, defaults to -1): Top-k sampling, -1 disables.
+            min_p (`float`, *optional*, defaults to 0.0): Min-p sampling, in [0, 1]: tokens whose probability is below
+                `min_p` times the most likely token's are dropped (0 disables; not applied when greedy).
+            repetition_penalty (`float`, *optional*, defaults to 1.0): Penalty (> 0) on every id of the prompt and of
+                the completion so far: a positive logit is divided by it, a negative one multiplied (1 disables;
+                greedy decoding applies it too). Values above 1 discourage repeats.
             do_sample (`bool`, *optional*, defaults to `True`): `False` means greedy decoding.
             num_return_sequences (`int`, *optional*, defaults to 1): Completions per prompt, grouped prompt-major.
             return_logits (`bool`, *optional*, defaults to `False`): Return per-step processed logits.
             return_logprobs (`bool`, *optional*, defaults to `False`): Return sampled-token log-probs.
             stop (`str` or `list[str]`, *optional*): Stop strings (kept in the output, like the token ids).
             seed (`int`, *optional*): Makes sampling reproducible (and cacheable).
+            engine_options (`dict`, *optional*): Further settings of `vllm.SamplingParams`, passed on to the vLLM
+                backend as they are (`presence_penalty`, `frequency_penalty`, `min_tokens`, `ignore_eos`,
+                `stop_token_ids`, `logit_bias`, ...). Unknown names, `generate` arguments and settings that would
+                break the result (`n`, `logprobs`, `detokenize`, ...) raise `ValueError`; the Hugging Face backend
+                refuses any (`NotImplementedError`). Options that reshape the distribution (penalties, `min_tokens`,
+                `logit_bias`, ...) are part of the log-probs vLLM reports but not of `get_logprobs`.
             **kwargs: The generation arguments above, validated by `SamplingConfig`.
+
+        The log-prob reported for each sampled token (`return_logprobs=True`) is that of the processed distribution
+        it was sampled from: repetition penalty, then temperature, min-p, top-k and top-p (vLLM's order, on both
+        backends). `get_logprobs` with the same settings (`result.metadata` records them) computes the same values.
 
         Returns:
             `GenerationResult`: texts, token ids, optional log-probs/logits, and metadata.
@@ -198,6 +266,9 @@ class InferenceModule:
 
     def encode_prompts(self, prompts: Any, tools: list[dict[str, Any]] | None = None) -> list[list[int]]:
         """Token ids of prompts, encoded as `generate` and `get_logprobs` encode them.
+
+        Chat prompts are rendered with `chat_template_kwargs`, as TRL renders them with
+        `GRPOConfig.chat_template_kwargs`.
 
         Args:
             prompts (`str`, `list[int]`, chat messages, or a list of these): Strings are tokenised with special
@@ -217,9 +288,11 @@ class InferenceModule:
         batch = as_batch(prompts, "prompts")
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise InvalidTypeError(f"`tools` must be a list of JSON-schema dicts or None, got {tools!r:.80}.")
-        vocab = self.vocab_size
+        vocab, template_kwargs = self.vocab_size, self.chat_template_kwargs
         ids = [
-            encode_prompt(self.tokenizer, p, f"prompts[{i}]", vocab_size=vocab, tools=tools)
+            encode_prompt(
+                self.tokenizer, p, f"prompts[{i}]", vocab_size=vocab, tools=tools, chat_template_kwargs=template_kwargs
+            )
             for i, p in enumerate(batch)
         ]
         limit = self.backend.max_context_length
@@ -269,6 +342,13 @@ class InferenceModule:
                 assert hit.metadata is not None
                 hit.metadata["cached"] = True
                 return hit
+        reshaping = sorted(set(sampling.engine_options) & set(DISTRIBUTION_OPTIONS))
+        if reshaping and sampling.return_logprobs:
+            self._warn_once(
+                "engine_options",
+                f"`engine_options` {reshaping} change the sampled distribution: the log-probs vLLM reports include "
+                "them, `get_logprobs` does not apply them, so the two differ where they act.",
+            )
         outputs = self.backend.generate(prompt_ids, sampling)
         n = sampling.num_return_sequences
         texts = [self._decode(o.token_ids) for o in outputs]
@@ -288,6 +368,9 @@ class InferenceModule:
                 "temperature": sampling.effective_temperature,
                 "top_k": sampling.effective_top_k,
                 "top_p": sampling.effective_top_p,
+                "min_p": sampling.effective_min_p,
+                "repetition_penalty": sampling.effective_repetition_penalty,
+                "engine_options": dict(sampling.engine_options),
                 "do_sample": not sampling.greedy,
                 "seed": sampling.seed,
                 "model": self.model_name,
@@ -350,13 +433,23 @@ class InferenceModule:
         return encode_response(self.tokenizer, response, f"responses[{index}]", vocab_size=self.vocab_size)
 
     @staticmethod
-    def _scoring(temperature: float, top_k: int, top_p: float) -> ScoringConfig:
-        SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)  # same validation as generation
+    def _scoring(
+        temperature: float, top_k: int, top_p: float, min_p: float = 0.0, repetition_penalty: float = 1.0
+    ) -> ScoringConfig:
+        SamplingConfig(  # same validation as generation
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
+        )
         if temperature == 0:
             raise InvalidValueError(
                 "`temperature` must be > 0 for scoring (greedy outputs are scored at temperature 1.0)."
             )
-        return ScoringConfig(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
+        return ScoringConfig(
+            temperature=float(temperature),
+            top_k=top_k,
+            top_p=float(top_p),
+            min_p=float(min_p),
+            repetition_penalty=float(repetition_penalty),
+        )
 
     def get_logprobs(
         self,
@@ -366,12 +459,18 @@ class InferenceModule:
         temperature: float = 1.0,
         top_k: int = -1,
         top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
         return_mask: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities of each response token given its prompt (for policy gradients).
 
         Computed in chunks over positions, never as a full `[B, T, V]` log-softmax. Gradients flow to the model when
         called with grad enabled; wrap in `torch.no_grad()` for pure scoring.
+
+        The distribution is processed as during sampling, in the same order: the repetition penalty on the ids of the
+        prompt and of the response before each position, then temperature, min-p, top-k and top-p. With the settings
+        a `generate` call recorded in `result.metadata`, the values equal the log-probs it reported.
 
         Args:
             prompts (`str`, `list[int]`, chat messages, or a list of these): The prompts.
@@ -382,12 +481,15 @@ class InferenceModule:
             temperature (`float`, *optional*, defaults to 1.0): Scale logits as during sampling.
             top_k (`int`, *optional*, defaults to -1): Apply the sampling's top-k truncation (-1 disables).
             top_p (`float`, *optional*, defaults to 1.0): Apply the sampling's top-p truncation.
+            min_p (`float`, *optional*, defaults to 0.0): Apply the sampling's min-p truncation (0 disables).
+            repetition_penalty (`float`, *optional*, defaults to 1.0): Apply the sampling's repetition penalty (1
+                disables).
             return_mask (`bool`, *optional*, defaults to `False`): Also return the `[B, T]` bool mask of real tokens.
 
         Returns:
             `torch.Tensor`: `[B, T]` float32 log-probs, right-padded with 0 (and the mask when `return_mask`).
         """
-        scoring = self._scoring(temperature, top_k, top_p)
+        scoring = self._scoring(temperature, top_k, top_p, min_p, repetition_penalty)
         prompt_ids, response_ids = self._encode_pairs(prompts, responses)
         logprobs = self.backend.score_logprobs(prompt_ids, response_ids, scoring)
         if return_mask:
@@ -395,17 +497,26 @@ class InferenceModule:
         return logprobs
 
     def get_logits(
-        self, prompts: Any, responses: Any, *, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0
+        self,
+        prompts: Any,
+        responses: Any,
+        *,
+        temperature: float = 1.0,
+        top_k: int = -1,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
     ) -> torch.Tensor:
         """Processed logits predicting each response token (for KL divergence against a reference).
 
-        `log_softmax(get_logits(...))` gathered at the response tokens equals `get_logprobs(...)`. This builds the
-        full `[B, T, V]` tensor: prefer `get_logprobs` when one value per token is enough.
+        `log_softmax(get_logits(...))` gathered at the response tokens equals `get_logprobs(...)` with the same
+        settings (see `get_logprobs`). This builds the full `[B, T, V]` tensor: prefer `get_logprobs` when one value
+        per token is enough.
 
         Returns:
             `torch.Tensor`: `[B, T, V]` float32 logits, zeros at padded positions (see `get_logprobs(return_mask=)`).
         """
-        scoring = self._scoring(temperature, top_k, top_p)
+        scoring = self._scoring(temperature, top_k, top_p, min_p, repetition_penalty)
         prompt_ids, response_ids = self._encode_pairs(prompts, responses)
         return self.backend.score_logits(prompt_ids, response_ids, scoring)
 
@@ -449,6 +560,11 @@ class InferenceModule:
         prompts: Any,
         available_tools: Sequence[Any] | None = None,
         max_new_tokens: int = 512,
+        *,
+        environment_factory: Any = None,
+        environment_rows: Sequence[dict[str, Any]] | None = None,
+        environment_isolation: str = "process",
+        tool_loop: Any = None,
         **kwargs: Any,
     ) -> tuple[GenerationResult, list[list[ToolCall]]]:
         """Generates with tool descriptions in the prompt and parses the calls in each completion.
@@ -458,10 +574,35 @@ class InferenceModule:
         When the chat template renders tools (`tools=`), it is used; otherwise a preamble describes the tools and
         the exact call format of the selected parser.
 
+        With `environment_factory` (an environment class, a factory, or a dict of them, as for
+        `rollout_func(environment_factory=...)`; see `tools.environments`), the same environments that train a
+        policy evaluate it: each prompt gets a fresh instance, `reset(**row)` with its row of `environment_rows`
+        (default `{"prompt": prompt}`), and a multi-turn loop runs the calls on it (`tool_loop`: a
+        `ToolLoopConfig`; `available_tools` are offered next to the environment's methods). The returned sequences
+        hold model and tool tokens; `metadata["rewards"]` has each instance's `get_reward()`, and `env_mask`,
+        `tool_results` and `environment_errors` describe the rollouts. Every instance is closed before returning.
+
         Returns:
             `tuple[GenerationResult, list[list[ToolCall]]]`: The result and, for each sequence, its well-formed
             calls. Malformed calls are listed in `result.metadata["invalid_tool_calls"]`.
         """
+        if environment_factory is not None:
+            from .tools.environment_loop import generate_in_environments
+
+            kwargs.pop("use_cache", None)  # rollouts are sampled fresh
+            return generate_in_environments(
+                self,
+                as_batch(prompts, "prompts"),
+                environment_factory,
+                tools=available_tools,
+                rows=environment_rows,
+                max_new_tokens=max_new_tokens,
+                tool_loop=tool_loop,
+                environment_isolation=environment_isolation,
+                **kwargs,
+            )
+        if environment_rows is not None or tool_loop is not None:
+            raise InvalidTypeError("`environment_rows` and `tool_loop` need `environment_factory`.")
         from .tools.prompting import build_tool_prompt
         from .tools.schema import normalize_tools
 
@@ -469,7 +610,12 @@ class InferenceModule:
         schemas = normalize_tools(available_tools)
         sampling = SamplingConfig.from_kwargs(max_new_tokens=max_new_tokens, **kwargs)
         batch = as_batch(prompts, "prompts")
-        texts = [build_tool_prompt(self.tokenizer, p, schemas, self.tool_parser_type) for p in batch]
+        texts = [
+            build_tool_prompt(
+                self.tokenizer, p, schemas, self.tool_parser_type, chat_template_kwargs=self.chat_template_kwargs
+            )
+            for p in batch
+        ]
         prompt_ids = self.encode_prompts(texts)
         result = self._generate_ids(prompt_ids, sampling, use_cache=use_cache)
         parser = get_parser(
@@ -566,7 +712,8 @@ def create_inference_module(model_name: str, backend: str = "auto", **kwargs: An
     Args:
         model_name (`str`): A local folder, a hub identifier, or `"default"` for the embedded default model.
         backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"huggingface"` or `"vllm"`.
-        **kwargs: `InferenceModule` arguments (`cache_size`, `tool_parser`) and backend options.
+        **kwargs: `InferenceModule` arguments (`cache_size`, `tool_parser`, `chat_template_kwargs`) and backend
+            options.
 
     Raises:
         ValueError: If `backend` or an option is unknown.
@@ -576,7 +723,7 @@ def create_inference_module(model_name: str, backend: str = "auto", **kwargs: An
     from .backends import backend_option_names
     from .backends.options import check_options
 
-    module_kwargs = {k: kwargs.pop(k) for k in ("cache_size", "tool_parser") if k in kwargs}
+    module_kwargs = {k: kwargs.pop(k) for k in ("cache_size", "tool_parser", "chat_template_kwargs") if k in kwargs}
     chosen, reason = choose_backend(kwargs.get("device"))
     options = {chosen: backend_option_names(chosen)}
     if any(k not in options[chosen] for k in kwargs):  # only then learn the other backend's options (may import it)

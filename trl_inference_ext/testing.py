@@ -193,7 +193,7 @@ def fit_conversations(
     return model_dir
 
 
-def greedy_margin(module: Any, prompts: list[Any], completions: list[list[int]]) -> float:
+def greedy_margin(module: Any, prompts: list[Any], completions: list[list[int]], **scoring: Any) -> float:
     """How far each greedy choice is from a tie: the smallest gap between a chosen token's logit and the best other.
 
     Tests that compare greedy outputs of two code paths (batched and alone, grouped and single, ...) assert this
@@ -204,6 +204,7 @@ def greedy_margin(module: Any, prompts: list[Any], completions: list[list[int]])
         module (`InferenceModule`): The module that produced the completions.
         prompts (`list`): Prompts as strings or token ids, one per completion.
         completions (`list[list[int]]`): Greedy completion token ids (may end with EOS).
+        **scoring: Settings greedy decoding applied before the argmax (`repetition_penalty=`), for `get_logits`.
 
     Returns:
         `float`: The smallest margin over all positions (`inf` when every completion is empty).
@@ -214,7 +215,7 @@ def greedy_margin(module: Any, prompts: list[Any], completions: list[list[int]])
     if not rows:
         return float("inf")
     with torch.no_grad():
-        logits = module.get_logits([p for p, _ in rows], [c for _, c in rows]).float()
+        logits = module.get_logits([p for p, _ in rows], [c for _, c in rows], **scoring).float()
     margin = float("inf")
     for i, (_, ids) in enumerate(rows):
         row = logits[i, : len(ids)]
@@ -225,9 +226,9 @@ def greedy_margin(module: Any, prompts: list[Any], completions: list[list[int]])
 
 
 def truncation_near_tie(
-    logits: Any, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, eps: float = 3e-5
+    logits: Any, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, eps: float = 3e-5, min_p: float = 0.0
 ) -> Any:
-    """Which positions' top-k / top-p kept set could change if every processed logit moved by up to `eps`.
+    """Which positions' min-p / top-k / top-p kept set could change if every processed logit moved by up to `eps`.
 
     Sampling and scoring compute the same logits on different code paths, a few 1e-6 apart in float32 (measured
     2.4e-6 at logits of magnitude 7). Where a kept set is that close to a tie, the two paths may keep different
@@ -241,10 +242,14 @@ def truncation_near_tie(
         top_k (`int`, *optional*, defaults to -1): Top-k, -1 disables.
         top_p (`float`, *optional*, defaults to 1.0): Top-p, 1.0 disables.
         eps (`float`, *optional*, defaults to 3e-5): Largest float error assumed on each processed logit.
+        min_p (`float`, *optional*, defaults to 0.0): Min-p, applied before top-k; 0 disables. With a repetition
+            penalty, pass the penalised logits (e.g. `get_logits(..., repetition_penalty=)`).
 
     Returns:
         `torch.Tensor`: `[...]` booleans, `True` where the kept set is within `eps` of changing.
     """
+    import math
+
     import torch
 
     from .scoring import process_logits
@@ -252,6 +257,11 @@ def truncation_near_tie(
     out = logits.float() / temperature
     vocab = out.shape[-1]
     near = torch.zeros(out.shape[:-1], dtype=torch.bool, device=out.device)
+    if min_p > 0.0:
+        # a token is kept when p / p_max >= min_p, i.e. logit - max logit >= log(min_p); errors of eps on both sides
+        gap = out - out.amax(dim=-1, keepdim=True) - math.log(min_p)
+        near |= (gap.abs() < 2 * eps).any(dim=-1)
+        out = process_logits(out, min_p=min_p)
     if 0 < top_k < vocab:
         top = torch.topk(out, top_k + 1, dim=-1).values
         near |= top[..., -2] - top[..., -1] < 2 * eps

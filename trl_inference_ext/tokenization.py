@@ -59,8 +59,69 @@ def check_ids(ids: Sequence[int], vocab_size: int, argname: str) -> list[int]:
     return list(ids)
 
 
+RESERVED_TEMPLATE_KWARGS: tuple[str, ...] = (
+    "conversation",
+    "messages",
+    "tools",
+    "chat_template",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tokenize",
+    "return_dict",
+    "return_tensors",
+    "return_assistant_tokens_mask",
+    "padding",
+    "truncation",
+    "max_length",
+    "tokenizer_kwargs",
+)
+"""Arguments of `apply_chat_template` that `chat_template_kwargs` may not hold: this package sets them itself (the
+conversation, `tools`, the generation prompt, tokenisation) or they change the form of what comes back. The chat
+template and the tools come from the tokenizer and from `tools=` / `available_tools=`, as with TRL's
+`chat_template` and `tools`."""
+
+
+def check_chat_template_kwargs(value: Any, argname: str = "chat_template_kwargs") -> dict[str, Any]:
+    """Validates extra chat-template variables (TRL's `GRPOConfig.chat_template_kwargs`, e.g.
+    `{"enable_thinking": False}` for Qwen3) and returns them as a new dict.
+
+    Args:
+        value (`dict`, *optional*): Keyword arguments passed to every `apply_chat_template` call; `None` means none.
+        argname (`str`, *optional*, defaults to `"chat_template_kwargs"`): Name used in error messages.
+
+    Returns:
+        `dict[str, Any]`: A copy of `value` (`{}` for `None`).
+
+    Raises:
+        TypeError: If `value` is not a dict with string keys.
+        ValueError: If it holds one of `RESERVED_TEMPLATE_KWARGS`.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidTypeError(f"`{argname}` must be a dict of chat template variables or None, got {value!r:.80}.")
+    bad_keys = [k for k in value if not isinstance(k, str)]
+    if bad_keys:
+        raise InvalidTypeError(f"`{argname}` must have string keys, got {bad_keys[:5]!r}.")
+    reserved = [k for k in value if k in RESERVED_TEMPLATE_KWARGS]
+    if reserved:
+        raise InvalidValueError(
+            f"`{argname}` may not set {', '.join(repr(k) for k in reserved)}: trl_inference_ext sets these arguments "
+            f"of `apply_chat_template` itself, or they change what it returns ({', '.join(RESERVED_TEMPLATE_KWARGS)}). "
+            "It holds the template's own variables (e.g. `{'enable_thinking': False}`); tools go through `tools=` "
+            "or `available_tools=`."
+        )
+    return dict(value)
+
+
 def encode_prompt(
-    tokenizer: Any, prompt: Any, argname: str, *, vocab_size: int, tools: list[dict[str, Any]] | None = None
+    tokenizer: Any,
+    prompt: Any,
+    argname: str,
+    *,
+    vocab_size: int,
+    tools: list[dict[str, Any]] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Token ids of one prompt: strings are tokenised with special tokens, chat messages through the chat template.
 
@@ -70,6 +131,8 @@ def encode_prompt(
         argname (`str`): Name used in error messages, e.g. `"prompts[3]"`.
         vocab_size (`int`): The model's vocabulary size, to validate token ids.
         tools (`list[dict]`, *optional*): JSON-schema tools rendered by the chat template.
+        chat_template_kwargs (`dict`, *optional*): Extra template variables (checked by `check_chat_template_kwargs`),
+            passed to `apply_chat_template` as TRL passes `GRPOConfig.chat_template_kwargs`.
     """
     if isinstance(prompt, str):
         return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
@@ -77,7 +140,12 @@ def encode_prompt(
         if getattr(tokenizer, "chat_template", None) is None:
             raise InvalidValueError(f"`{argname}` is a list of chat messages but the tokenizer has no chat template.")
         encoded = tokenizer.apply_chat_template(
-            list(prompt), tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
+            list(prompt),
+            tools=tools,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **(chat_template_kwargs or {}),
         )
         return list(encoded["input_ids"])
     return check_ids(prompt, vocab_size, argname)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,10 +63,12 @@ class GenerationResult:
         texts (`list[str]`): Decoded completions (special tokens skipped).
         token_ids (`list[list[int]]`, *optional*): Completion token ids, one list per sequence.
         logprobs (`list[torch.Tensor]`, *optional*): Per-token log-probabilities of the sampled tokens (1-D float32
-            tensors, one per sequence) under the processed sampling distribution (temperature, top-k, top-p applied).
+            tensors, one per sequence) under the processed sampling distribution (repetition penalty, temperature,
+            min-p, top-k, top-p applied).
         logits (`list[torch.Tensor]`, *optional*): Per-step processed logits, `[T_i, V]` tensors.
         metadata (`dict[str, Any]`, *optional*): At least `finish_reasons`, `prompt_lengths`, `prompt_token_ids`,
-            `temperature`, `top_k`, `top_p`, `num_return_sequences`, `model` and `weights_version`.
+            `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`, `engine_options`, `num_return_sequences`,
+            `model` and `weights_version`.
     """
 
     texts: list[str]
@@ -91,19 +93,32 @@ class GenerationResult:
 class SamplingConfig:
     """Validated generation settings, with the defaults of the original `InferenceModule.generate`.
 
-    `top_k=-1` disables top-k. `temperature=0` or `do_sample=False` means greedy decoding.
+    `top_k=-1` disables top-k, `min_p=0` disables min-p and `repetition_penalty=1` disables the repetition penalty.
+    `temperature=0` or `do_sample=False` means greedy decoding (argmax of the logits after the repetition penalty).
+
+    The processed distribution is built in vLLM's order: repetition penalty (on every id of the prompt and of the
+    completion so far, a positive logit is divided by the penalty and a negative one multiplied by it), then
+    temperature, then min-p (tokens whose probability is below `min_p` times the largest are dropped), then top-k,
+    then top-p.
+
+    `engine_options` holds settings of `vllm.SamplingParams` that this package passes on to the engine as they are
+    (`presence_penalty`, `frequency_penalty`, `min_tokens`, `ignore_eos`, ...; see
+    `backends.vllm.sampling.check_engine_options`). Only the vLLM backend accepts them.
     """
 
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     do_sample: bool = True
     num_return_sequences: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
     return_logits: bool = False
     return_logprobs: bool = False
+    engine_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
@@ -111,20 +126,37 @@ class SamplingConfig:
         _check_int("top_k", self.top_k, minimum=-1)
         if self.top_k == 0:
             raise InvalidValueError("`top_k` must be -1 (disabled) or a positive integer, got 0.")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise InvalidTypeError(f"`temperature` must be a float, got {type(self.temperature).__name__}.")
+        _check_float("temperature", self.temperature)
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidValueError(f"`temperature` must be a finite float >= 0, got {self.temperature}.")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
-            raise InvalidTypeError(f"`top_p` must be a float, got {type(self.top_p).__name__}.")
+        _check_float("top_p", self.top_p)
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
+        _check_float("min_p", self.min_p)
+        if not (0.0 <= self.min_p <= 1.0):
+            raise InvalidValueError(f"`min_p` must be in [0, 1] (0 disables), got {self.min_p}.")
+        _check_float("repetition_penalty", self.repetition_penalty)
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidValueError(
+                f"`repetition_penalty` must be a finite float > 0 (1 disables), got {self.repetition_penalty}."
+            )
         if not isinstance(self.do_sample, bool):
             raise InvalidTypeError(f"`do_sample` must be a bool, got {type(self.do_sample).__name__}.")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidTypeError("`stop` must be a string or a list of non-empty strings.")
+        if not isinstance(self.engine_options, Mapping):
+            raise InvalidTypeError(
+                f"`engine_options` must be a dict of `vllm.SamplingParams` settings, got "
+                f"{type(self.engine_options).__name__}."
+            )
+        options = dict(self.engine_options)
+        if options:  # torch-free callers never get here: the check lives with the vLLM sampling settings
+            from .backends.vllm.sampling import check_engine_options
+
+            check_engine_options(options)
+        object.__setattr__(self, "engine_options", options)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> SamplingConfig:
@@ -145,6 +177,8 @@ class SamplingConfig:
             kwargs["stop"] = (stop,)
         elif isinstance(stop, Sequence):
             kwargs["stop"] = tuple(stop)
+        if kwargs.get("engine_options", ()) is None:
+            kwargs["engine_options"] = {}
         return cls(**kwargs)
 
     @property
@@ -168,9 +202,24 @@ class SamplingConfig:
         return 1.0 if self.greedy else float(self.top_p)
 
     @property
+    def effective_min_p(self) -> float:
+        """The min-p the reported log-probs are truncated with (0.0 for greedy decoding)."""
+        return 0.0 if self.greedy else float(self.min_p)
+
+    @property
+    def effective_repetition_penalty(self) -> float:
+        """The repetition penalty the reported log-probs are computed with (greedy decoding applies it too)."""
+        return float(self.repetition_penalty)
+
+    @property
     def cacheable(self) -> bool:
         """Whether a result may be served from cache: greedy or seeded requests only."""
         return self.greedy or self.seed is not None
+
+
+def _check_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidTypeError(f"`{name}` must be a float, got {type(value).__name__}.")
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

@@ -83,6 +83,8 @@ def test_auto_derives_backend_options_from_the_backends(tiny_model_dir, caplog):
         "tensor_parallel_size": 1,
         "gpu_memory_utilization": 0.5,
         "kv_cache_memory_bytes": 1 << 28,
+        "enable_sleep_mode": False,
+        "sleep_level": 1,
         "base_url": "http://127.0.0.1:9",
         "api_key": "k",
         "timeout": 5.0,

@@ -37,7 +37,7 @@ def test_exported_from_both_packages():
 
 def test_defaults_are_the_keyword_defaults_and_every_field_is_documented():
     config = ToolLoopConfig()
-    assert dataclasses.astuple(config) == (3, (), 10.0, "process", None, MAX_OUTPUT_CHARS, True)
+    assert dataclasses.astuple(config) == (3, (), 10.0, "process", None, MAX_OUTPUT_CHARS, True, "trajectory")
     for fn in (rollout_func, run_tool_loop):
         parameters = inspect.signature(fn).parameters
         assert (
@@ -84,6 +84,7 @@ BAD_VALUES = [
     ("max_tool_output_chars", 0, InvalidValueError, r"`max_tool_output_chars` must be an int >= 1, got 0"),
     ("reuse_kv", "yes", InvalidTypeError, r"`reuse_kv` must be a bool, got str"),
     ("reuse_kv", 1, InvalidTypeError, r"`reuse_kv` must be a bool, got int"),
+    ("scheduling", "async", InvalidValueError, r"`scheduling` must be one of \['trajectory', 'turn'\]"),
 ]
 
 

@@ -199,13 +199,21 @@ def test_sampling_from_trl_args(grpo_config):
     grpo_config.generation_kwargs = {"seed": 3}
     sampling = sampling_from_trl_args(grpo_config, {"top_p": 0.9})
     assert sampling == {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_new_tokens": 64, "seed": 3}
-    grpo_config.generation_kwargs = {"min_length": 3}
-    with pytest.raises(ValueError, match="min_length"):
+    grpo_config.generation_kwargs = {"min_length": 3}  # not a setting of vLLM's SamplingParams
+    with pytest.raises(ValueError, match=r"min_length.*valid names.*min_tokens"):
         sampling_from_trl_args(grpo_config)
+    grpo_config.generation_kwargs = {"logprobs": 5}
+    with pytest.raises(ValueError, match=r"logprobs.*requested by trl_inference_ext"):
+        sampling_from_trl_args(grpo_config)
+    grpo_config.generation_kwargs = {"max_tokens": 8, "min_tokens": 2, "presence_penalty": 0.5}
+    sampling = sampling_from_trl_args(grpo_config)
+    assert sampling["max_new_tokens"] == 8
+    assert sampling["engine_options"] == {"min_tokens": 2, "presence_penalty": 0.5}
     grpo_config.generation_kwargs = None
     grpo_config.repetition_penalty = 1.2
-    with pytest.raises(ValueError, match="repetition_penalty"):
-        sampling_from_trl_args(grpo_config)
+    grpo_config.min_p = 0.05
+    sampling = sampling_from_trl_args(grpo_config)
+    assert sampling["repetition_penalty"] == 1.2 and sampling["min_p"] == 0.05
 
 
 def test_reward_functions_without_rollout_fields():

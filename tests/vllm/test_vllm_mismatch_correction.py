@@ -137,6 +137,12 @@ def test_truncate_modes_are_refused_before_generating(model_dir, engine, tmp_pat
 
 
 def test_correction_off_logs_only_the_lag(model_dir, engine, tmp_path):
-    logs, _ = train(model_dir, engine, tmp_path, steps=1, vllm_importance_sampling_correction=False)
+    """Also: the module renders prompts with the config's `chat_template_kwargs`, set on it by the rollout function."""
+    engine.chat_template_kwargs = None
+    logs, _ = train(
+        model_dir, engine, tmp_path, steps=1, vllm_importance_sampling_correction=False,
+        chat_template_kwargs={"enable_thinking": False},
+    )  # fmt: skip
+    assert engine.chat_template_kwargs == {"enable_thinking": False}
     assert "sampling/importance_sampling_ratio/mean" not in logs[0]
     assert logs[0]["sampling/policy_lag/max"] == 0 and not math.isnan(logs[0]["grad_norm"])

@@ -23,7 +23,7 @@ class SequenceOutput:
         token_ids (`list[int]`): Completion token ids (EOS included when the model emitted it).
         finish_reason (`str`): `"stop"` or `"length"`.
         logprobs (`torch.Tensor`, *optional*): `[T]` float32 log-probs of the sampled tokens under the processed
-            distribution.
+            distribution (repetition penalty, temperature, min-p, top-k, top-p).
         logits (`torch.Tensor`, *optional*): `[T, V]` processed logits.
     """
 
@@ -36,11 +36,17 @@ class SequenceOutput:
 
 @dataclass
 class ScoringConfig:
-    """How responses are scored: the same processing as sampling, so ratios are 1 on-policy."""
+    """How responses are scored: the same processing as sampling, so ratios are 1 on-policy.
+
+    Applied in the sampler's order (see `scoring.process_logits`): the repetition penalty on the ids of the prompt and
+    of the response before each position, then temperature, min-p, top-k and top-p.
+    """
 
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 @runtime_checkable

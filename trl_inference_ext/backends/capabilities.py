@@ -7,7 +7,7 @@ methods, nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,6 +30,10 @@ class SupportsWeightPush(Protocol):
 
     def load_weights_from_model(self, model: torch.nn.Module) -> int:
         """Pushes a transformers model's weights (a LoRA adapter alone when it can); returns the new version."""
+        ...
+
+    def mark_weights_updated(self) -> None:
+        """Declares that the served weights changed elsewhere (another process pushed them)."""
         ...
 
 
@@ -69,4 +73,47 @@ class SupportsTurnCaches(Protocol):
         ...
 
 
-__all__ = ["RunsLocalModel", "SupportsAdapterToggling", "SupportsTurnCaches", "SupportsWeightPush"]
+@runtime_checkable
+class SleepsBetweenRollouts(Protocol):
+    """A backend whose engine can free its device memory between rollouts (vLLM's sleep mode), so a trainer on the
+    same device can use it for its passes. `trl.colocate.awake_for_rollout` wakes it for a rollout and puts it back
+    to sleep after."""
+
+    @property
+    def sleeps(self) -> bool:
+        """Whether sleep mode is on (otherwise `sleep` and `wake_up` do nothing)."""
+        ...
+
+    @property
+    def weights_lost(self) -> bool:
+        """Whether the engine discarded its weights while asleep, so a weight push must come before any request."""
+        ...
+
+    def sleep(self) -> None:
+        """Frees the engine's device memory (a no-op when already asleep)."""
+        ...
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Takes the memory back: all of it, or the parts named (`"weights"`, `"kv_cache"`)."""
+        ...
+
+
+@runtime_checkable
+class ReportsEngineDtype(Protocol):
+    """A backend that can say in which dtype its engine holds the weights and computes: a sampler in another dtype
+    than the trainer samples from a slightly different policy (see `trl.engine_dtype.engine_dtype_note`)."""
+
+    @property
+    def engine_dtype(self) -> torch.dtype | None:
+        """The dtype the engine runs the model in, or `None` when it cannot be known."""
+        ...
+
+
+__all__ = [
+    "ReportsEngineDtype",
+    "RunsLocalModel",
+    "SleepsBetweenRollouts",
+    "SupportsAdapterToggling",
+    "SupportsTurnCaches",
+    "SupportsWeightPush",
+]

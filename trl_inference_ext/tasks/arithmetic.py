@@ -144,3 +144,30 @@ def correct_answer_reward(completions: Sequence[Any], answer: Sequence[int], **k
         value = final_answer(_completion_text(completion))
         out.append(float(value is not None and abs(value - float(expected)) < 1e-6))
     return out
+
+
+class CalculatorEnvironment:
+    """The calculator as a stateful environment (TRL's `environment_factory` contract): one instance per rollout,
+    reset with the problem's row, remembering every result it computed.
+
+    Its `calculator` method is described exactly as the `calculator` function is, so prompts render the same tool.
+    `get_reward` is 1.0 when one of the rollout's calculations produced the problem's answer: the environment scores
+    the use of its tool from its own state, next to `correct_answer_reward`, which reads the final text.
+    """
+
+    def reset(self, answer: int, **row: Any) -> None:
+        self.answer = int(answer)
+        self.results: list[str] = []
+
+    def calculator(self, expression: str) -> str:
+        """Evaluates an arithmetic expression with +, -, *, /, // and % on numbers.
+
+        Args:
+            expression: The arithmetic expression to evaluate, e.g. "12 * (3 + 4)".
+        """
+        result = calculator(expression)
+        self.results.append(result)
+        return result
+
+    def get_reward(self) -> float:
+        return float(str(self.answer) in self.results)

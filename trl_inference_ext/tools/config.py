@@ -28,6 +28,8 @@ from .execution import ISOLATIONS, MAX_OUTPUT_CHARS, ToolExecutor
 
 POSITIVE_SECONDS = Check("a number of seconds > 0", lambda v: is_real(v) and v > 0, convert=float)
 """A timeout: an int or float `> 0` (not a bool, not NaN), stored as a float."""
+SCHEDULES = ("trajectory", "turn")
+"""How the tool loop schedules turns (see `ToolLoopConfig.scheduling`)."""
 MEMORY_BYTES = Check("None or a positive number of bytes (an int >= 1)", lambda v: is_int(v) and v >= 1, optional=True)
 """A memory cap in bytes, or `None` for none."""
 
@@ -77,6 +79,12 @@ class ToolLoopConfig:
             Keep each rollout's KV cache from one turn to the next, so a turn runs only the tokens appended since the
             model's last one (`InferenceModule.multi_turn`; a no-op on backends that keep no such caches). `False`
             re-runs each rollout's whole context every turn; both give the same rollouts up to float error.
+        scheduling (`str`, *optional*, defaults to `"trajectory"`):
+            `"trajectory"`: a rollout's next turn is generated as soon as its own tool results are back, with the
+            other rollouts ready at that moment, while slower tools of other rollouts still run (each rollout's
+            calls run on its own environment instance, or with those sampled in the same batch on a shared tool
+            executor). `"turn"`: every turn waits for the tool calls of all rollouts, as a batch. Both give the same
+            kind of rollouts; `"trajectory"` never makes a rollout wait for another's tools.
     """
 
     max_tool_turns: int = field(
@@ -118,6 +126,15 @@ class ToolLoopConfig:
         metadata={
             "help": "Keep each rollout's KV cache across tool turns (prefill only what was appended).",
             "check": check_bool,
+        },
+    )
+
+    scheduling: str = field(
+        default="trajectory",
+        metadata={
+            "help": "'trajectory' (a rollout's next turn starts when its own tools are done) or 'turn' (every turn "
+            "waits for all rollouts' tools).",
+            "check": one_of(SCHEDULES),
         },
     )
 

@@ -45,6 +45,44 @@ class ToolResult:
     error: str | None = None
 
 
+def tool_result(
+    call: ToolCall, kind: str | None, text: str, timeout: float, memory_limit: int | None = None
+) -> ToolResult:
+    """The `ToolResult` of a call's outcome `(kind, text)`: the output, or the error message the model sees.
+
+    Args:
+        call (`ToolCall`): The call.
+        kind (`str`, *optional*): `None` when it returned, else the error kind (`"timeout"`, `"memory"`,
+            `"crashed"`, `"exception"`, ...).
+        text (`str`): The output, or the error's detail.
+        timeout (`float`): The deadline it had, for the timeout message.
+        memory_limit (`int`, *optional*): Its memory cap in bytes, for the out-of-memory message.
+    """
+    if kind is None:
+        return ToolResult(call.name, call.arguments, text, True)
+    if kind == "timeout":
+        message = f"Error: tool {call.name!r} timed out after {timeout:g}s."
+    elif kind == "memory":
+        cap = f" (limit {memory_limit} bytes)" if memory_limit else ""
+        message = f"Error: tool {call.name!r} ran out of memory{cap}."
+    elif kind == "crashed":
+        message = f"Error: tool {call.name!r} crashed: {text}."
+    else:
+        message = f"Error: {text}"
+    return ToolResult(call.name, call.arguments, message, False, kind)
+
+
+def invalid_call_result(call: ToolCall, known: list[str]) -> ToolResult | None:
+    """The error result of a call that cannot run (malformed, or naming no tool in `known`), else `None`."""
+    if not call.ok:
+        message = f"Error: malformed tool call ({call.status}): {call.error}"
+        return ToolResult(call.name, call.arguments, message, False, "invalid_call")
+    if call.name not in known:
+        message = f"Error: unknown tool {call.name!r}. Available tools: {', '.join(sorted(known)) or 'none'}."
+        return ToolResult(call.name, call.arguments, message, False, "unknown_tool")
+    return None
+
+
 class ToolExecutor:
     """Runs the tool calls of one turn concurrently, all within one deadline.
 
@@ -134,14 +172,8 @@ class ToolExecutor:
         results: list[ToolResult | None] = [None] * len(calls)
         runnable: list[int] = []
         for i, call in enumerate(calls):
-            if not call.ok:
-                message = f"Error: malformed tool call ({call.status}): {call.error}"
-                results[i] = ToolResult(call.name, call.arguments, message, False, "invalid_call")
-            elif call.name not in self.functions:
-                known = ", ".join(sorted(self.functions)) or "none"
-                message = f"Error: unknown tool {call.name!r}. Available tools: {known}."
-                results[i] = ToolResult(call.name, call.arguments, message, False, "unknown_tool")
-            else:
+            results[i] = invalid_call_result(call, list(self.functions))
+            if results[i] is None:
                 runnable.append(i)
         jobs = [(calls[i].name, calls[i].arguments) for i in runnable]
         outcomes = self._run_threads(jobs) if self._processes is None else self._processes.run(jobs, self.timeout)
@@ -150,18 +182,7 @@ class ToolExecutor:
         return [r for r in results if r is not None]
 
     def _result(self, call: ToolCall, kind: str | None, text: str) -> ToolResult:
-        if kind is None:
-            return ToolResult(call.name, call.arguments, text, True)
-        if kind == "timeout":
-            message = f"Error: tool {call.name!r} timed out after {self.timeout:g}s."
-        elif kind == "memory":
-            cap = f" (limit {self.memory_limit} bytes)" if self.memory_limit else ""
-            message = f"Error: tool {call.name!r} ran out of memory{cap}."
-        elif kind == "crashed":
-            message = f"Error: tool {call.name!r} crashed: {text}."
-        else:
-            message = f"Error: {text}"
-        return ToolResult(call.name, call.arguments, message, False, kind)
+        return tool_result(call, kind, text, self.timeout, self.memory_limit)
 
     def _run_threads(self, jobs: list[tuple[str, dict[str, Any]]]) -> list[Outcome]:
         """Runs jobs on up to `max_workers` daemon threads until the deadline; overrunning threads are abandoned."""

@@ -73,14 +73,39 @@ def dump_functions(functions: dict[str, Callable[..., Any]]) -> bytes:
 
 
 @dataclass(eq=False)
-class _Worker:
+class Worker:
+    """One spawned worker process and the pool's end of its pipe."""
+
     process: Any  # multiprocessing.context.SpawnProcess
     conn: multiprocessing.connection.Connection
     ready: bool = False
     job: int | None = None
 
 
-def _describe_exit(process: Any) -> str:
+def start_worker(context: Any, payload: bytes, memory_limit: int | None, max_output_chars: int) -> Worker:
+    """Spawns one worker process running `worker.serve` on `payload` (a tool table or an environment)."""
+    parent_conn, child_conn = context.Pipe()
+    arguments = {
+        "conn": child_conn,
+        "payload": payload,
+        "memory_limit": memory_limit,
+        "max_output_chars": max_output_chars,
+    }
+    # The target is `runpy.run_path` on worker.py rather than a function of this package, which the child would have
+    # to import (and with it torch, through the package's `__init__`).
+    process = context.Process(
+        target=runpy.run_path,
+        args=(_WORKER_PATH,),
+        kwargs={"init_globals": {"worker_arguments": arguments}, "run_name": _worker_module.RUN_NAME},
+        name="tool-worker",
+        daemon=True,
+    )
+    process.start()
+    child_conn.close()
+    return Worker(process, parent_conn)
+
+
+def describe_exit(process: Any) -> str:
     process.join(_JOIN_TIMEOUT)
     code = process.exitcode
     if code is None:
@@ -95,7 +120,7 @@ def _describe_exit(process: Any) -> str:
     return f"its worker process exited with code {code}"
 
 
-def _kill(process: Any) -> None:
+def kill(process: Any) -> None:
     # A worker leads its own process group (see `worker.serve`): killing the group ends what its tool started too.
     with contextlib.suppress(OSError):  # not a group leader yet (still starting), or gone
         os.killpg(process.pid, signal.SIGKILL)
@@ -103,11 +128,11 @@ def _kill(process: Any) -> None:
         process.kill()
 
 
-def _stop(workers: list[_Worker]) -> None:
+def _stop(workers: list[Worker]) -> None:
     """Kills and reaps `workers`: all the kills first, then the joins, so this waits for one join at most."""
     for w in workers:
         if w.process.exitcode is None:
-            _kill(w.process)
+            kill(w.process)
     for w in workers:
         w.process.join(_JOIN_TIMEOUT)
         w.conn.close()
@@ -144,7 +169,7 @@ class ToolProcessPool:
         self.max_output_chars = max_output_chars
         self._max_reply_bytes = 6 * max_output_chars + 1024  # JSON escapes a control character as 6 bytes
         self._context = multiprocessing.get_context("spawn")
-        self._workers: list[_Worker] = []
+        self._workers: list[Worker] = []
         # Workers are killed when the pool is closed, collected, or at interpreter exit. This exit handler is
         # registered after multiprocessing's (imported above), so it runs first and multiprocessing finds no child
         # to wait for.
@@ -153,27 +178,9 @@ class ToolProcessPool:
         atexit.register(self._finalizer)
 
     def _start(self) -> None:
-        parent_conn, child_conn = self._context.Pipe()
-        arguments = {
-            "conn": child_conn,
-            "payload": self._payload,
-            "memory_limit": self.memory_limit,
-            "max_output_chars": self.max_output_chars,
-        }
-        # The target is `runpy.run_path` on worker.py rather than a function of this package, which the child would
-        # have to import (and with it torch, through the package's `__init__`).
-        process = self._context.Process(
-            target=runpy.run_path,
-            args=(_WORKER_PATH,),
-            kwargs={"init_globals": {"worker_arguments": arguments}, "run_name": _worker_module.RUN_NAME},
-            name="tool-worker",
-            daemon=True,
-        )
-        process.start()
-        child_conn.close()
-        self._workers.append(_Worker(process, parent_conn))
+        self._workers.append(start_worker(self._context, self._payload, self.memory_limit, self.max_output_chars))
 
-    def _retire(self, workers: list[_Worker], replace: bool = True) -> None:
+    def _retire(self, workers: list[Worker], replace: bool = True) -> None:
         """Kills `workers` and, with `replace`, starts as many new ones (they load while the trainer goes on)."""
         count = len(workers)
         for w in workers:
@@ -182,7 +189,7 @@ class ToolProcessPool:
         for _ in range(count if replace else 0):
             self._start()
 
-    def _receive(self, w: _Worker) -> dict[str, Any] | None:
+    def _receive(self, w: Worker) -> dict[str, Any] | None:
         """The worker's next message, or `None` when it died or broke the protocol."""
         try:
             message = json.loads(w.conn.recv_bytes(self._max_reply_bytes))
@@ -190,12 +197,12 @@ class ToolProcessPool:
             return None
         return message if isinstance(message, dict) else None
 
-    def _on_ready_message(self, w: _Worker) -> None:
+    def _on_ready_message(self, w: Worker) -> None:
         message = self._receive(w)
         if message is not None and message.get("ready") is True:
             w.ready = True
             return
-        detail = message.get("error") if message else _describe_exit(w.process)
+        detail = message.get("error") if message else describe_exit(w.process)
         self.close()  # a configuration error: every worker would fail the same way
         raise OperationError(
             f"A tool worker could not load the tools: {detail}. A worker is a new interpreter: each tool must be "
@@ -260,11 +267,11 @@ class ToolProcessPool:
             self._retire(self._running())
         return [outcome if outcome is not None else ("timeout", "") for outcome in outcomes]
 
-    def _running(self) -> list[_Worker]:
+    def _running(self) -> list[Worker]:
         return [w for w in self._workers if w.job is not None]
 
     def _dispatch(
-        self, w: _Worker, job: int, jobs: list[tuple[str, dict[str, Any]]], left: float, outcomes: list[Outcome | None]
+        self, w: Worker, job: int, jobs: list[tuple[str, dict[str, Any]]], left: float, outcomes: list[Outcome | None]
     ) -> None:
         name, arguments = jobs[job]
         try:
@@ -275,16 +282,16 @@ class ToolProcessPool:
         try:
             w.conn.send_bytes(request)
         except OSError:
-            outcomes[job] = ("crashed", _describe_exit(w.process))
+            outcomes[job] = ("crashed", describe_exit(w.process))
             self._retire([w])
             return
         w.job = job
 
-    def _on_reply(self, w: _Worker, outcomes: list[Outcome | None]) -> None:
+    def _on_reply(self, w: Worker, outcomes: list[Outcome | None]) -> None:
         assert w.job is not None
         message = self._receive(w) if w.conn.poll() else None
         if message is None:
-            outcomes[w.job] = ("crashed", _describe_exit(w.process))
+            outcomes[w.job] = ("crashed", describe_exit(w.process))
             self._retire([w])
             return
         kind = message.get("kind")

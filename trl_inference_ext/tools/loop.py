@@ -13,9 +13,11 @@ then either finish the rollout (`_exit_reason`) or append the tool results as an
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import InvalidTypeError, InvalidValueError, OperationError
 from ..types import ToolCall
@@ -154,6 +156,31 @@ class ToolRollout:
             raise OperationError(f"This rollout already finished ({self.finish_reason!r}); it takes no more turns.")
 
 
+class CallRunner(Protocol):
+    """What runs a rollout's tool calls: a `ToolExecutor`, or one environment instance's `EnvironmentExecutor`."""
+
+    def run(self, calls: list[ToolCall]) -> list[ToolResult]:
+        """One result per call, in order, within the runner's deadline."""
+        ...
+
+    def close(self) -> None:
+        """Releases what the runner holds."""
+        ...
+
+
+@dataclass(frozen=True)
+class RolloutTools:
+    """The tools of one rollout: what its prompt describes and what runs its calls.
+
+    Attributes:
+        schemas (`tuple[dict, ...]`): Tool schemas (OpenAI function format) rendered into the prompt.
+        executor (`CallRunner`): Runs the rollout's calls.
+    """
+
+    schemas: tuple[dict[str, Any], ...]
+    executor: CallRunner
+
+
 @dataclass
 class _ModelTurn:
     """What the model produced for one rollout in one turn, and what its calls did."""
@@ -194,7 +221,9 @@ def run_tool_loop(
     max_tool_output_chars: int = MAX_OUTPUT_CHARS,
     tool_executor: ToolExecutor | None = None,
     reuse_kv: bool = True,
+    scheduling: str = "trajectory",
     tool_loop: ToolLoopConfig | None = None,
+    rollout_tools: Sequence[RolloutTools] | None = None,
     **sampling: Any,
 ) -> list[ToolRollout]:
     """Runs multi-turn tool use for a batch of prompts (one rollout per prompt).
@@ -225,9 +254,16 @@ def run_tool_loop(
             a turn runs only the tokens appended since the model's last one (`InferenceModule.multi_turn`; a no-op on
             backends that do not keep such caches). `False` re-runs each rollout's whole context every turn; both
             give the same rollouts up to float error.
+        scheduling (`str`, *optional*, defaults to `"trajectory"`): `"trajectory"` samples a rollout's next turn as
+            soon as its own calls are back (with the rollouts ready then), `"turn"` waits for every rollout's calls;
+            see `ToolLoopConfig.scheduling`.
         tool_loop (`ToolLoopConfig`, *optional*): All the settings above at once (`max_tool_turns`, `stop_tools`,
-            `tool_timeout`, `tool_isolation`, `tool_memory_limit`, `max_tool_output_chars`, `reuse_kv`); passing it
+            `tool_timeout`, `tool_isolation`, `tool_memory_limit`, `max_tool_output_chars`, `reuse_kv`,
+            `scheduling`); passing it
             together with any of those keyword arguments raises a `TypeError` naming them.
+        rollout_tools (`Sequence[RolloutTools]`, *optional*): One per prompt: that rollout's own tools (described in
+            its prompt) and the executor of its calls, e.g. its environment instance's methods. Replaces `tools`,
+            `functions` and `tool_executor`. Rollouts with different executors run their calls at the same time.
         **sampling: Sampling arguments for `generate` (temperature, top_p, top_k, seed, ...).
 
     Returns:
@@ -235,35 +271,114 @@ def run_tool_loop(
     """
     assert tool_loop is not None  # built from the keyword arguments by `takes_tool_loop`
     _check_budget_and_sampling(max_new_tokens, sampling)
-    schemas = normalize_tools(tools)
+    owned: CallRunner | None = None
+    if rollout_tools is not None:
+        if len(rollout_tools) != len(prompts):
+            raise InvalidValueError(f"Got {len(rollout_tools)} `rollout_tools` for {len(prompts)} prompts.")
+        per_rollout = [list(r.schemas) for r in rollout_tools]
+        executors: list[CallRunner] = [r.executor for r in rollout_tools]
+    else:
+        schemas = normalize_tools(tools)
+        per_rollout = [schemas] * len(prompts)
+        shared = tool_executor
+        if shared is None:
+            shared = owned = tool_loop.build_executor({**tool_functions(tools), **(functions or {})})
+        executors = [shared] * len(prompts)
     parser = get_parser(
         inference.tool_parser_type,
         chat_template=getattr(inference.tokenizer, "chat_template", None),
-        tool_schemas=schemas,
+        tool_schemas=_union(per_rollout),
     )
-    rollouts = _start_rollouts(inference, prompts, schemas, max_new_tokens)
+    rollouts = _start_rollouts(inference, prompts, per_rollout, max_new_tokens)
     chat = [not isinstance(p, str) for p in prompts]
-    executor = tool_executor
-    if executor is None:
-        executor = tool_loop.build_executor({**tool_functions(tools), **(functions or {})})
+    run = _run_by_trajectory if tool_loop.scheduling == "trajectory" else _run_by_turn
     try:
         with inference.multi_turn() if tool_loop.reuse_kv else contextlib.nullcontext():
-            for turn in range(tool_loop.max_tool_turns + 1):
-                active = [i for i, rollout in enumerate(rollouts) if not rollout.finished]
-                if not active:
-                    break
-                # First turn: identical consecutive prompts (GRPO's repeats) share one prefill and KV cache.
-                model_turns = _sample_turn(inference, parser, [rollouts[i] for i in active], turn == 0, sampling)
-                _execute_together(executor, model_turns)
-                last_turn = turn == tool_loop.max_tool_turns
-                for i, model_turn in zip(active, model_turns):
-                    _end_turn(rollouts[i], model_turn, inference.tokenizer, chat[i], tool_loop.stop_tools, last_turn)
+            run(inference, parser, rollouts, executors, chat, tool_loop, sampling)
     finally:
-        if tool_executor is None:
-            executor.close()
+        if owned is not None:
+            owned.close()
     for rollout in rollouts:
         rollout.text = inference.decode(rollout.completion_ids)
     return rollouts
+
+
+def _run_by_turn(
+    inference: InferenceModule,
+    parser: ToolParser,
+    rollouts: list[ToolRollout],
+    executors: list[CallRunner],
+    chat: list[bool],
+    tool_loop: ToolLoopConfig,
+    sampling: dict[str, Any],
+) -> None:
+    """Turn by turn: sample every running rollout, run all their calls together, show the results, repeat."""
+    for turn in range(tool_loop.max_tool_turns + 1):
+        active = [i for i, rollout in enumerate(rollouts) if not rollout.finished]
+        if not active:
+            break
+        # First turn: identical consecutive prompts (GRPO's repeats) share one prefill and KV cache.
+        model_turns = _sample_turn(inference, parser, [rollouts[i] for i in active], turn == 0, sampling)
+        _execute_together([executors[i] for i in active], model_turns)
+        last_turn = turn == tool_loop.max_tool_turns
+        for i, model_turn in zip(active, model_turns):
+            _end_turn(rollouts[i], model_turn, inference, chat[i], tool_loop.stop_tools, last_turn)
+
+
+def _run_by_trajectory(
+    inference: InferenceModule,
+    parser: ToolParser,
+    rollouts: list[ToolRollout],
+    executors: list[CallRunner],
+    chat: list[bool],
+    tool_loop: ToolLoopConfig,
+    sampling: dict[str, Any],
+) -> None:
+    """Each rollout at its own pace: the rollouts ready now (no call of theirs running) are sampled together; their
+    calls start at once, in background threads, and each rollout is ready again as soon as its own calls are back.
+
+    Calls sampled in one batch that share an executor run together (one `run`, one deadline); a shared executor
+    takes one batch's calls at a time (`_Serialised`), an environment instance only its own rollout's. Generation
+    stays in this thread.
+    """
+    turns = [0] * len(rollouts)
+    ready = [i for i, rollout in enumerate(rollouts) if not rollout.finished]
+    first = True
+    running: dict[Future[None], list[tuple[int, _ModelTurn]]] = {}
+    locks: dict[int, threading.Lock] = {}
+    with ThreadPoolExecutor(max_workers=max(1, len(rollouts)), thread_name_prefix="tool-turn") as pool:
+        while ready or running:  # every pass samples at least one rollout or collects at least one result
+            if ready:
+                model_turns = _sample_turn(inference, parser, [rollouts[i] for i in ready], first, sampling)
+                first = False
+                groups: dict[int, list[tuple[int, _ModelTurn]]] = {}
+                for i, model_turn in zip(ready, model_turns):
+                    if model_turn.calls:
+                        groups.setdefault(id(executors[i]), []).append((i, model_turn))
+                    else:  # nothing to run: it ends now
+                        _end_turn(rollouts[i], model_turn, inference, chat[i], tool_loop.stop_tools, True)
+                for members in groups.values():
+                    executor = executors[members[0][0]]
+                    lock = locks.setdefault(id(executor), threading.Lock())
+                    running[pool.submit(_run_calls, executor, lock, [t for _, t in members])] = members
+                ready = []
+            done, _ = wait(running, return_when=FIRST_COMPLETED) if running else (set(), set())
+            for future in done:
+                future.result()  # a failure of the loop itself (not of a tool) propagates
+                for i, model_turn in running.pop(future):
+                    last_turn = turns[i] == tool_loop.max_tool_turns
+                    _end_turn(rollouts[i], model_turn, inference, chat[i], tool_loop.stop_tools, last_turn)
+                    turns[i] += 1
+                    if not rollouts[i].finished:
+                        ready.append(i)
+
+
+def _run_calls(executor: CallRunner, lock: threading.Lock, turns: list[_ModelTurn]) -> None:
+    """Runs the calls of `turns` on `executor` (one `run` at a time per executor) and stores each turn's results."""
+    with lock:
+        results = iter(executor.run([call for turn in turns for call in turn.calls]))
+    for turn in turns:
+        turn.results = [next(results) for _ in turn.calls]
 
 
 def _check_budget_and_sampling(max_new_tokens: int, sampling: dict[str, Any]) -> None:
@@ -275,15 +390,28 @@ def _check_budget_and_sampling(max_new_tokens: int, sampling: dict[str, Any]) ->
             raise InvalidTypeError(f"`{forbidden}` is set by the tool loop; pass prompts once per rollout instead.")
 
 
+def _union(per_rollout: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every rollout's tool schemas, each name once (the parser converts arguments by them)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for schemas in per_rollout:
+        for schema in schemas:
+            seen.setdefault(schema["function"]["name"], schema)
+    return list(seen.values())
+
+
 def _start_rollouts(
-    inference: InferenceModule, prompts: Sequence[Any], schemas: list[dict[str, Any]], max_new_tokens: int
+    inference: InferenceModule, prompts: Sequence[Any], schemas: list[list[dict[str, Any]]], max_new_tokens: int
 ) -> list[ToolRollout]:
-    """One empty rollout per prompt, its prompt rendered with the tools (`build_tool_prompt`) and encoded."""
+    """One empty rollout per prompt, its prompt rendered with its tools (`build_tool_prompt`) and encoded."""
     texts = [
         build_tool_prompt(
-            inference.tokenizer, p if isinstance(p, str) else list(p), schemas, inference.tool_parser_type
+            inference.tokenizer,
+            p if isinstance(p, str) else list(p),
+            tools,
+            inference.tool_parser_type,
+            chat_template_kwargs=inference.chat_template_kwargs,
         )
-        for p in prompts
+        for p, tools in zip(prompts, schemas)
     ]
     prompt_ids = inference.encode_prompts(texts) if texts else []
     return [ToolRollout(prompt_ids=ids, max_new_tokens=max_new_tokens) for ids in prompt_ids]
@@ -326,15 +454,40 @@ def _sample_turn(
     return turns
 
 
-def _execute_together(executor: ToolExecutor, turns: list[_ModelTurn]) -> None:
-    """Runs the calls of every turn at once, within one deadline however many calls hang, and stores the results."""
-    results = iter(executor.run([call for turn in turns for call in turn.calls]))
-    for turn in turns:
-        turn.results = [next(results) for _ in turn.calls]
+def _execute_together(executors: list[CallRunner], turns: list[_ModelTurn]) -> None:
+    """Runs the calls of every turn at once, within one deadline however many calls hang, and stores the results.
+
+    Turns that share an executor send it their calls together; different executors (one environment instance per
+    rollout) run in parallel threads, each within its own deadline.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, executor in enumerate(executors):
+        if turns[i].calls:
+            groups.setdefault(id(executor), []).append(i)
+
+    def run(members: list[int]) -> None:
+        results = iter(executors[members[0]].run([call for i in members for call in turns[i].calls]))
+        for i in members:
+            turns[i].results = [next(results) for _ in turns[i].calls]
+
+    if len(groups) <= 1:
+        for members in groups.values():
+            run(members)
+        return
+    threads = [threading.Thread(target=run, args=(members,), daemon=True) for members in groups.values()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()  # each executor enforces its own deadline
 
 
 def _end_turn(
-    rollout: ToolRollout, turn: _ModelTurn, tokenizer: Any, chat: bool, stop_tools: Sequence[str], last_turn: bool
+    rollout: ToolRollout,
+    turn: _ModelTurn,
+    inference: InferenceModule,
+    chat: bool,
+    stop_tools: Sequence[str],
+    last_turn: bool,
 ) -> None:
     """Records a model turn's calls and results, then finishes the rollout or shows it the results (next turn)."""
     rollout.add_tool_calls(turn.calls, turn.results)
@@ -342,7 +495,8 @@ def _end_turn(
     if reason is not None:
         rollout.finish(reason)
     else:
-        rollout.add_environment_turn(_tool_message_ids(tokenizer, turn, chat))
+        ids = _tool_message_ids(inference.tokenizer, turn, chat, inference.chat_template_kwargs)
+        rollout.add_environment_turn(ids)
 
 
 def _exit_reason(turn: _ModelTurn, stop_tools: Sequence[str], last_turn: bool) -> str | None:
@@ -361,10 +515,13 @@ def _exit_reason(turn: _ModelTurn, stop_tools: Sequence[str], last_turn: bool) -
     return None
 
 
-def _tool_message_ids(tokenizer: Any, turn: _ModelTurn, chat: bool) -> list[int]:
-    """The tokens that show a turn's tool results and open the next model turn (closing the model's turn first)."""
+def _tool_message_ids(
+    tokenizer: Any, turn: _ModelTurn, chat: bool, chat_template_kwargs: dict[str, Any] | None = None
+) -> list[int]:
+    """The tokens that show a turn's tool results and open the next model turn (closing the model's turn first),
+    rendered with the module's `chat_template_kwargs`."""
     messages = [{"role": "tool", "name": r.name, "content": r.content} for r in turn.results]
-    text, needs_eos = tool_results_text(tokenizer, messages, chat)
+    text, needs_eos = tool_results_text(tokenizer, messages, chat, chat_template_kwargs=chat_template_kwargs)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     eos = tokenizer.eos_token_id
     if needs_eos and eos is not None and turn.token_ids[-1:] != [eos]:

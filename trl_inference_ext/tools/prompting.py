@@ -9,6 +9,7 @@ from ..errors import InvalidTypeError
 from .parsers import get_format
 
 _PROBE_NAME = "trl_inference_ext_probe_tool"
+_ASSISTANT_MARKER = "trl_inference_ext_assistant_turn"
 
 
 def call_instruction(parser_name: str, chat_template: str | None = None) -> str:
@@ -67,14 +68,26 @@ def tool_preamble(schemas: list[dict[str, Any]], parser_name: str, *, chat_templ
     return "\n".join(lines)
 
 
-def build_tool_prompt(tokenizer: Any, prompt: Any, schemas: list[dict[str, Any]], parser_name: str) -> Any:
+def build_tool_prompt(
+    tokenizer: Any,
+    prompt: Any,
+    schemas: list[dict[str, Any]],
+    parser_name: str,
+    *,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> Any:
     """Returns the prompt with tools described: token ids for chat messages, text for a text prompt.
+
+    Chat messages come back as token ids when the template renders `tools=`, else as messages with the preamble in the
+    system turn (encoded later by `InferenceModule.encode_prompts`, with the same `chat_template_kwargs`).
 
     Args:
         tokenizer: A transformers tokenizer.
         prompt: A string or a list of chat messages.
         schemas (`list[dict]`): Normalised tool schemas (see `tools.schema.normalize_tools`).
         parser_name (`str`): The selected tool-call format, described in the preamble.
+        chat_template_kwargs (`dict`, *optional*): Extra template variables passed to `apply_chat_template` (see
+            `tokenization.check_chat_template_kwargs`).
 
     Raises:
         TypeError: If `prompt` is token ids and tools must be added (ids cannot be augmented safely).
@@ -90,7 +103,12 @@ def build_tool_prompt(tokenizer: Any, prompt: Any, schemas: list[dict[str, Any]]
     messages = [dict(m) for m in prompt]
     if template_renders_tools(tokenizer):
         encoded = tokenizer.apply_chat_template(
-            messages, tools=schemas, add_generation_prompt=True, tokenize=True, return_dict=True
+            messages,
+            tools=schemas,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **(chat_template_kwargs or {}),
         )
         return list(encoded["input_ids"])
     if messages[0].get("role") == "system":
@@ -100,26 +118,39 @@ def build_tool_prompt(tokenizer: Any, prompt: Any, schemas: list[dict[str, Any]]
     return messages
 
 
-def tool_results_text(tokenizer: Any, messages: list[dict[str, Any]], chat: bool) -> tuple[str, bool]:
+def tool_results_text(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    chat: bool,
+    *,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> tuple[str, bool]:
     """The text that follows a finished assistant turn to show tool results and open the next assistant turn.
 
     For chat prompts it is rendered by the chat template (tool messages, then the generation prompt), as the
     difference between a conversation with and without the tool messages, starting right after the assistant's
-    end-of-turn token. Plain-text prompts get `<tool_response>` blocks.
+    end-of-turn token. A template that renders the last assistant turn otherwise than an earlier one (Qwen3 adds an
+    empty `<think></think>` block to the last) is cut right after the end-of-turn token that closes the assistant's
+    content instead. Plain-text prompts get `<tool_response>` blocks.
 
     Args:
         tokenizer: A transformers tokenizer.
         messages (`list[dict]`): Tool messages (`{"role": "tool", "name", "content"}`).
         chat (`bool`): Whether the prompt went through the chat template.
+        chat_template_kwargs (`dict`, *optional*): Extra template variables passed to `apply_chat_template` (e.g.
+            `{"enable_thinking": False}`, which shapes the generation prompt that opens the next turn).
 
     Returns:
         `tuple[str, bool]`: The text, and whether it must be preceded by the end-of-turn (EOS) token.
     """
     if chat and getattr(tokenizer, "chat_template", None):
-        dialogue = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+        extra = chat_template_kwargs or {}
+        dialogue = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _ASSISTANT_MARKER}]
         try:
-            base = tokenizer.apply_chat_template(dialogue, tokenize=False)
-            full = tokenizer.apply_chat_template(dialogue + messages, tokenize=False, add_generation_prompt=True)
+            base = tokenizer.apply_chat_template(dialogue, tokenize=False, **extra)
+            full = tokenizer.apply_chat_template(
+                dialogue + messages, tokenize=False, add_generation_prompt=True, **extra
+            )
         except Exception:  # a template without a tool role: fall back to plain text
             base = full = ""
         eos = tokenizer.eos_token or ""
@@ -127,5 +158,9 @@ def tool_results_text(tokenizer: Any, messages: list[dict[str, Any]], chat: bool
         prefix = base[: cut + len(eos)] if cut >= 0 else base
         if base and full.startswith(prefix):
             return full[len(prefix) :], cut >= 0
+        marker = full.find(_ASSISTANT_MARKER)
+        end = full.find(eos, marker) if eos and marker >= 0 else -1
+        if end >= 0:
+            return full[end + len(eos) :], True
     blocks = "".join(f"\n<tool_response>\n{m['content']}\n</tool_response>" for m in messages)
     return blocks + "\n", False

@@ -1,4 +1,5 @@
-"""One tool call turned into text, and the worker process that runs calls for `isolation.ToolProcessPool`.
+"""One tool call turned into text, and the worker process that runs calls for `isolation.ToolProcessPool` (a table
+of tools) or for `environment_host.EnvironmentProcess` (one environment instance, whose state lives here).
 
 This module uses the standard library only. The pool runs it by path in a spawned interpreter (see
 `isolation.py`), so a worker imports the modules its tools live in and nothing else: importing the
@@ -31,6 +32,27 @@ TRUNCATION_MARK = "…[truncated]"
 
 Outcome = tuple[str | None, str]
 """`(None, output text)` for a call that returned, else `(error kind, detail)`."""
+
+ENVIRONMENT = "environment"
+"""First item of the payload `(ENVIRONMENT, factory, methods)` that makes a worker host one environment instance."""
+
+
+class EnvironmentMethods(dict[str, Callable[..., Any]]):
+    """The methods of one environment instance that a worker may call, by name (a tool table for `serve`).
+
+    `reset` returning `None` (nothing to add to the prompt) is sent as an empty observation.
+    """
+
+    def __init__(self, instance: Any, names: list[str]) -> None:
+        super().__init__({name: getattr(instance, name) for name in names if callable(getattr(instance, name, None))})
+        reset = self.get("reset")
+        if reset is not None:
+
+            def reset_observation(**row: Any) -> Any:
+                value = reset(**row)
+                return "" if value is None else value
+
+            self["reset"] = reset_observation
 
 
 def truncate(text: str, limit: int) -> str:
@@ -124,7 +146,9 @@ def serve(
 
     Args:
         conn (`Connection`): This worker's end of its pipe to the pool.
-        payload (`bytes`): The pickled `{name: callable}` tool table.
+        payload (`bytes`): The pickled `{name: callable}` tool table, or `(ENVIRONMENT, factory, method names)`: the
+            worker then builds one instance with `factory()` (its failure is reported as not ready) and serves its
+            methods.
         memory_limit (`int`, *optional*): Bytes of address space calls may add to this process once the tools are
             loaded (`RLIMIT_AS`); `None` for no cap.
         max_output_chars (`int`): Longest text sent back per call.
@@ -134,6 +158,9 @@ def serve(
         os.setsid()  # own process group: killing this worker kills whatever its tools started
     try:
         functions = pickle.loads(payload)
+        if isinstance(functions, tuple) and functions[:1] == (ENVIRONMENT,):
+            _, factory, names = functions
+            functions = EnvironmentMethods(factory(), names)
     except BaseException as err:
         _send(conn, {"ready": False, "error": truncate(f"{type(err).__name__}: {err}", max_output_chars)})
         return
@@ -148,7 +175,10 @@ def serve(
             name, arguments, timeout = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return
-        kind, text = outcome(functions[name], arguments, timeout, max_output_chars)
+        fn = functions.get(name)
+        kind, text = (
+            ("exception", f"no method {name!r}") if fn is None else outcome(fn, arguments, timeout, max_output_chars)
+        )
         try:
             _send(conn, {"kind": kind, "content": text})
         except MemoryError:

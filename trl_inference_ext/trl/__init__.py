@@ -9,6 +9,7 @@ from ..tools.config import ToolLoopConfig
 from .callbacks import InferenceSyncCallback
 from .rewards import tool_call_reward, tool_success_reward
 from .rollout import RolloutFunction, rollout_func
+from .rows import tag_rows
 from .sampling import sampling_from_trl_args
 from .server_weight_sync import ServerWeightSync, VLLMWeightTransfer
 from .stats import RolloutRecorder, RolloutStep
@@ -23,6 +24,7 @@ __all__ = [
     "VLLMWeightTransfer",
     "rollout_func",
     "sampling_from_trl_args",
+    "tag_rows",
     "tool_call_reward",
     "tool_success_reward",
 ]

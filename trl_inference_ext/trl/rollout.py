@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -23,9 +24,14 @@ from ..errors import (
 )
 from ..module import InferenceModule
 from ..tools.config import ToolLoopConfig, takes_tool_loop
+from ..tools.environment_loop import EnvironmentRollouts, group_size_of
 from ..tools.execution import MAX_OUTPUT_CHARS, ToolExecutor
 from ..tools.loop import ToolRollout, repeat_group_size, run_tool_loop
+from .colocate import awake_for_rollout, follow_trainer_memory, needs_weight_reload
 from .correction import MismatchCorrection, SamplingMetrics, combine_metrics, correct, padded, scoring_settings
+from .engine_dtype import engine_dtype_note
+from .gather import push_model_weights
+from .rows import RowFinder
 from .sampling import sampling_from_trl_args
 
 logger = logging.getLogger(__name__)
@@ -70,8 +76,11 @@ class RolloutFunction:
         fold_lora: bool | str = "auto",
         weight_sync_interval: int = 1,
         max_policy_lag: int | None = None,
+        environments: EnvironmentRollouts | None = None,
     ) -> None:
         self.inference = inference
+        self.environments = environments
+        self.rows = RowFinder()
         self.tools = list(tools or [])
         self.tool_parser = tool_parser
         self.tool_loop = tool_loop
@@ -91,21 +100,32 @@ class RolloutFunction:
         """Reward functions to add to the trainer's: `GRPOTrainer(reward_funcs=[*rf.reward_funcs, my_reward])`.
 
         With `inference` set, `SamplingMetrics`, which reports the mismatch correction's metrics through TRL's
-        `log_metric` (it scores nothing: it returns `None`, which TRL skips). Empty with `inference=None`.
+        `log_metric` (it scores nothing: it returns `None`, which TRL skips); with environments, one
+        `EnvironmentReward` per environment class that defines `get_reward` (named after the class, as TRL names
+        it).
         """
-        return [] if self.inference is None else [self.sampling_metrics]
+        funcs: list[Callable[..., list[float | None]]] = [] if self.inference is None else [self.sampling_metrics]
+        if self.environments is not None:
+            funcs += self.environments.reward_funcs
+        return funcs
 
     def close(self) -> None:
-        """Stops the tool worker processes (they are also stopped at interpreter exit)."""
-        if self.tool_executor is not None:
-            self.tool_executor.close()
+        """Closes every environment instance and stops the tool worker processes (both also happen at interpreter
+        exit)."""
+        try:
+            if self.environments is not None:
+                self.environments.pool.close()
+        finally:
+            if self.tool_executor is not None:
+                self.tool_executor.close()
 
     @contextlib.contextmanager
-    def _trainer_model(self, trainer: Any) -> Iterator[Any]:
-        """The trainer's unwrapped model, with ZeRO-3 parameters gathered for the duration."""
+    def _trainer_model(self, trainer: Any, gather_all: bool = True) -> Iterator[Any]:
+        """The trainer's unwrapped model, with ZeRO-3 parameters gathered for the duration (unless `gather_all` is
+        false: a weight push gathers them one at a time, `gather.push_model_weights`)."""
         from trl.models import unwrap_model_for_generation
 
-        gather = bool(getattr(trainer.args, "ds3_gather_for_generation", True))
+        gather = gather_all and bool(getattr(trainer.args, "ds3_gather_for_generation", True))
         with unwrap_model_for_generation(
             trainer.model_wrapped, trainer.accelerator, gather_deepspeed3_params=gather
         ) as m:
@@ -128,7 +148,8 @@ class RolloutFunction:
         """
         assert self.inference is not None
         step = int(trainer.state.global_step)
-        if step == self._synced_step:
+        reload = needs_weight_reload(self.inference)  # a level-2 sleep discarded the engine's weights
+        if step == self._synced_step and not reload:
             return
         self._synced_step = step
         if self._runs_trainer_model(trainer):
@@ -140,7 +161,7 @@ class RolloutFunction:
                 "The given `inference` runs a different model than the trainer and its backend cannot load weights; "
                 "pass `inference=None` to generate with the trainer's model, or use the vLLM backend."
             )
-        if self._weights_step is not None and step - self._weights_step < self.weight_sync_interval:
+        if not reload and self._weights_step is not None and step - self._weights_step < self.weight_sync_interval:
             return
         error = self._push(trainer, backend)
         if error is None:
@@ -167,12 +188,13 @@ class RolloutFunction:
         accelerator = trainer.accelerator
         shared = backend.server_mode and accelerator.num_processes > 1
         failure: Exception | None = None
-        with self._trainer_model(trainer) as model:  # every rank enters: a ZeRO-3 gather is collective
-            if not shared or accelerator.is_main_process:  # servers shared by the ranks take one push
-                try:
-                    backend.load_weights_from_model(model)
-                except (WeightPushError, ServerConnectionError, NoServerLeftError) as error:
-                    failure = error
+        # Every rank enters and gathers (FSDP2 / ZeRO-3 gathers are collective), one parameter at a time, so no
+        # rank holds a second full copy; servers shared by the ranks take one push.
+        with self._trainer_model(trainer, gather_all=False) as model:
+            try:
+                push_model_weights(backend, model, push=not shared or accelerator.is_main_process)
+            except (WeightPushError, ServerConnectionError, NoServerLeftError) as error:
+                failure = error
         if not shared:
             return failure
         accelerator.wait_for_everyone()
@@ -186,24 +208,38 @@ class RolloutFunction:
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
         """Generates one completion per entry of `prompts` (TRL passes each prompt `num_generations` times)."""
+        if getattr(trainer, "environment_factories", None) is not None:
+            raise InvalidValueError(
+                "`environment_factory` was given to `GRPOTrainer` as well as a `rollout_func`: TRL would run its own "
+                "tool loop again over these rollouts. Pass it to `rollout_func(environment_factory=...)` only, and "
+                "the reward functions it brings to the trainer: `GRPOTrainer(reward_funcs=[*rf.reward_funcs, ...])`."
+            )
         sampling = sampling_from_trl_args(trainer.args, self.sampling)
         if self.inference is None:
             with self._trainer_model(trainer) as model:
                 inference = InferenceModule.from_model(
                     model,
                     trainer.processing_class,
+                    chat_template_kwargs=_chat_template_kwargs(trainer),
                     cache_size=0,
                     tool_parser=self.tool_parser,
                     fold_lora=self.fold_lora,
                 )
-                output = self._rollouts(inference, prompts, sampling)
+                output = self._rollouts(inference, prompts, sampling, trainer)
             output["weight_version"] = [int(trainer.state.global_step)] * len(prompts)
             return output
         correction = MismatchCorrection.from_trl_args(trainer.args)
         correction.check_applicable()  # before any generation
-        self._sync_weights(trainer)
-        use_trainer_chat_template(self.inference, trainer.processing_class)
-        output = self._rollouts(self.inference, prompts, sampling)
+        follow_trainer_memory(self.inference, trainer.args)  # an engine sharing the trainer's GPU leaves it room
+        with awake_for_rollout(self.inference):  # a sleep-mode engine sleeps again before the trainer's passes
+            self._sync_weights(trainer)
+            use_trainer_chat_template(self.inference, trainer.processing_class)
+            self.inference.chat_template_kwargs = _chat_template_kwargs(trainer)  # prompt tokens as TRL renders them
+            if not self._runs_trainer_model(trainer):
+                note = engine_dtype_note(self.inference, trainer.accelerator.unwrap_model(trainer.model_wrapped))
+                if note:
+                    self._warn_once("dtype", f"rollout_func: {note}")
+            output = self._rollouts(self.inference, prompts, sampling, trainer)
         assert self._weights_step is not None
         output["weight_version"] = [self._weights_step] * len(prompts)
         if not self._runs_trainer_model(trainer):
@@ -269,7 +305,11 @@ class RolloutFunction:
             self._warned.add(key)
             logger.warning(message)
 
-    def _rollouts(self, inference: InferenceModule, prompts: list[Any], sampling: dict[str, Any]) -> dict[str, Any]:
+    def _rollouts(
+        self, inference: InferenceModule, prompts: list[Any], sampling: dict[str, Any], trainer: Any = None
+    ) -> dict[str, Any]:
+        if self.environments is not None:
+            return self._environment_rollouts(inference, prompts, sampling, trainer)
         if self.tools:
             sampling = dict(sampling)
             rollouts = run_tool_loop(
@@ -294,6 +334,48 @@ class RolloutFunction:
             "logprobs": [lp.tolist() for lp in result.logprobs],
             "env_mask": [[1] * len(ids) for ids in result.token_ids],
         }
+
+    def _environment_rollouts(
+        self, inference: InferenceModule, prompts: list[Any], sampling: dict[str, Any], trainer: Any
+    ) -> dict[str, Any]:
+        """Rollouts whose tools are their own environment instance's methods (see `environment_rollouts`)."""
+        assert self.environments is not None
+        sampling = dict(sampling)
+        batch = self.environments.start(prompts, self.rows.rows(prompts, trainer), _group_size(prompts, trainer))
+        try:
+            rollouts = run_tool_loop(
+                inference,
+                batch.prompts,
+                max_new_tokens=sampling.pop("max_new_tokens", 512),
+                tool_loop=self.tool_loop,
+                rollout_tools=batch.rollout_tools,
+                **sampling,
+            )
+        finally:
+            self.environments.finish(batch)
+        output = _as_trl_output(rollouts)
+        for i, error in enumerate(batch.errors):
+            if error is not None:  # its environment never started: nothing to learn from
+                output["env_mask"][i] = [0] * len(output["env_mask"][i])
+        output["environment_errors"] = batch.errors
+        return output
+
+
+def _chat_template_kwargs(trainer: Any) -> dict[str, Any]:
+    """`GRPOConfig.chat_template_kwargs` (TRL accepts a dict, or its JSON text from the command line)."""
+    kwargs = getattr(trainer.args, "chat_template_kwargs", None) or {}
+    return json.loads(kwargs) if isinstance(kwargs, str) else dict(kwargs)
+
+
+def _group_size(prompts: list[Any], trainer: Any) -> int:
+    """TRL's group size for this call: `num_generations` in training (`num_generations_eval` in evaluation) when it
+    divides the batch, else the runs of identical prompts."""
+    args = trainer.args
+    training = bool(getattr(getattr(trainer, "model", None), "training", True))
+    size = getattr(args, "num_generations", None) if training else getattr(args, "num_generations_eval", None)
+    if isinstance(size, int) and size > 0 and len(prompts) % size == 0:
+        return size
+    return group_size_of(prompts)
 
 
 def use_trainer_chat_template(inference: InferenceModule, processing_class: Any) -> None:
@@ -336,9 +418,13 @@ def rollout_func(
     reuse_kv: bool = True,
     fold_lora: bool | str = "auto",
     *,
+    scheduling: str = "trajectory",
     tool_loop: ToolLoopConfig | None = None,
     weight_sync_interval: int = 1,
     max_policy_lag: int | None = None,
+    environment_factory: Any = None,
+    environment_isolation: str = "process",
+    max_environments: int = 64,
     **sampling: Any,
 ) -> RolloutFunction:
     """Builds a `rollout_func` for `trl.GRPOTrainer`.
@@ -382,9 +468,27 @@ def rollout_func(
         fold_lora (`bool` or `str`, *optional*, defaults to `"auto"`): With `inference=None`, decode a LoRA policy
             from a folded copy of the adapted weights (`"auto"`: when it fits in memory; see
             `backends.hf.lora_fold`). The trainer's own weights are never modified.
+        scheduling (`str`, *optional*, defaults to `"trajectory"`): `"trajectory"`: a rollout's next turn starts as
+            soon as its own tool results are back; `"turn"`: every turn waits for all rollouts' tools. See
+            `ToolLoopConfig.scheduling`.
         tool_loop (`ToolLoopConfig`, *optional*): All the tool-loop settings above at once (`max_tool_turns`,
             `stop_tools`, `tool_timeout`, `tool_isolation`, `tool_memory_limit`, `max_tool_output_chars`,
-            `reuse_kv`); passing it together with any of those keyword arguments raises a `TypeError` naming them.
+            `reuse_kv`, `scheduling`); passing it together with any of those keyword arguments raises a `TypeError`
+            naming them.
+        environment_factory (`Callable` or `dict[str, Callable]`, *optional*): Stateful environments with the contract
+            of TRL's `GRPOTrainer(environment_factory=...)`, moved here from the trainer (passing it to both is
+            refused): one instance per rollout, `reset(**row)` once before its first turn (its text is appended to
+            the prompt), its public methods as the rollout's tools, `get_reward()` as a reward named after the class
+            (pass `rf.reward_funcs` to the trainer), and a dict picking one environment per example by the row's
+            `environment` column. `close()` is lifecycle, never a tool. See `trl_inference_ext.tools.environments`;
+            the row of each prompt is found as `trl_inference_ext.trl.rows` describes (`tag_rows` for datasets where
+            rows share a prompt). Checked here.
+        environment_isolation (`str`, *optional*, defaults to `"process"`): `"process"` keeps each instance in its
+            own worker process, killed and replaced when a method overruns `tool_timeout`, crashes or exceeds
+            `tool_memory_limit` (the factory must be importable: checked here); `"thread"` keeps instances in this
+            process, without that protection.
+        max_environments (`int`, *optional*, defaults to 64): Most live environment instances (one per rollout of a
+            batch, reused across batches).
         weight_sync_interval (`int`, *optional*, defaults to 1): With `inference` set, push the trainer's weights
             every this many optimizer steps; the rollouts in between come from weights up to `interval - 1` steps old
             (their `weight_version` says which) and are corrected or dropped as below.
@@ -413,16 +517,34 @@ def rollout_func(
     check_fold_mode(fold_lora)
     POSITIVE_INT("weight_sync_interval", weight_sync_interval)
     int_at_least(0).or_none()("max_policy_lag", max_policy_lag)
+    tool_executor = _tool_executor(tools, tool_loop)
+    environments = None
+    if environment_factory is not None:
+        from ..tools.environment_host import EnvironmentPool
+        from ..tools.environments import environment_specs
+
+        specs = environment_specs(environment_factory)
+        pool = EnvironmentPool(
+            specs,
+            isolation=environment_isolation,
+            max_instances=max_environments,
+            memory_limit=tool_loop.tool_memory_limit,
+            max_output_chars=tool_loop.max_tool_output_chars,
+        )
+        environments = EnvironmentRollouts(
+            specs, pool, tools=tools, tool_executor=tool_executor, timeout=tool_loop.tool_timeout
+        )
     return RolloutFunction(
         inference,
         tools=tools,
         tool_parser=tool_parser,
         tool_loop=tool_loop,
-        tool_executor=_tool_executor(tools, tool_loop),
+        tool_executor=tool_executor,
         sampling=sampling,
         fold_lora=fold_lora,
         weight_sync_interval=weight_sync_interval,
         max_policy_lag=max_policy_lag,
+        environments=environments,
     )
 
 

@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ...errors import InvalidValueError
-from ...scoring import DEFAULT_CHUNK_BYTES, logprobs_from_hidden, process_logits, selective_logprobs
+from ...errors import InvalidValueError, UnsupportedError
+from ...scoring import DEFAULT_CHUNK_BYTES, TokenHistory, logprobs_from_hidden, process_logits, selective_logprobs
 from ...types import SamplingConfig
 from .. import adapters
 from ..base import ScoringConfig, SequenceOutput
@@ -53,6 +53,22 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
         return torch.device("cuda", PartialState().local_process_index % torch.cuda.device_count())
     return torch.device(device)
+
+
+def parameter_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype that holds most of a model's floating-point parameters, or `None` when it has none.
+
+    Counted by elements, so a PEFT model's adapters in float32 on a bfloat16 base count as bfloat16. Parameters that
+    ZeRO-3 partitioned away (no elements here) leave the first floating-point parameter's dtype.
+
+    Args:
+        model (`torch.nn.Module`): Any module, possibly wrapped by PEFT, DDP or DeepSpeed.
+    """
+    counts: dict[torch.dtype, int] = {}
+    for parameter in adapters.unwrap_model(model).parameters():
+        if parameter.is_floating_point():
+            counts[parameter.dtype] = counts.get(parameter.dtype, 0) + parameter.numel()
+    return max(counts, key=counts.__getitem__) if counts else None  # ties: the first seen
 
 
 def hidden_path(model: Any) -> tuple[Any, Any] | None:
@@ -224,6 +240,11 @@ class HuggingFaceBackend:
         return self.model.get_input_embeddings().weight.device
 
     @property
+    def engine_dtype(self) -> torch.dtype | None:
+        """The dtype of the model's weights (most of its floating-point parameters), which generation runs in."""
+        return parameter_dtype(self.model)
+
+    @property
     def vocab_size(self) -> int:
         """Rows of the output embedding (may exceed the tokenizer's length when padded)."""
         head = self.model.get_output_embeddings()
@@ -261,7 +282,17 @@ class HuggingFaceBackend:
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[SequenceOutput]:
-        """Samples completions with the KV-cache-sharing loop in `hf.decoding`."""
+        """Samples completions with the KV-cache-sharing loop in `hf.decoding`.
+
+        Raises:
+            NotImplementedError: If `sampling.engine_options` is not empty (they are settings of vLLM's sampler).
+        """
+        if sampling.engine_options:
+            names = ", ".join(f"`{name}`" for name in sorted(sampling.engine_options))
+            raise UnsupportedError(
+                f"The huggingface backend does not implement the vLLM sampling option(s) {names}: they need the vLLM "
+                'backend (`InferenceModule(..., backend="vllm")`). Remove them to generate here.'
+            )
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = next(iter(self.eos_token_ids), 0)
@@ -356,16 +387,41 @@ class HuggingFaceBackend:
             target_mask.to(device),
         )
 
+    def _history(
+        self,
+        prompt_ids: list[list[int]],
+        response_ids: list[list[int]],
+        scoring: ScoringConfig,
+        shape: torch.Size,
+        vocab_size: int,
+    ) -> TokenHistory | None:
+        """The ids before each scored position (`[B, T]`), when the repetition penalty needs them."""
+        if scoring.repetition_penalty == 1.0:
+            return None
+        sequence = torch.arange(shape[0])[:, None].expand(shape[0], shape[1])
+        length = torch.tensor([len(p) for p in prompt_ids])[:, None] + torch.arange(shape[1])[None, :]
+        return TokenHistory.from_sequences(
+            [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)],
+            vocab_size,
+            sequence.to(self.device),
+            length.to(self.device),
+        )
+
     def score_logprobs(
         self, prompt_ids: list[list[int]], response_ids: list[list[int]], scoring: ScoringConfig
     ) -> torch.Tensor:
         """`[B, T]` log-probs of response tokens; gradients flow when called with grad enabled."""
         input_ids, attention, positions, targets, target_mask = self._pack(prompt_ids, response_ids)
         path = hidden_path(self.model)
+        processing: dict[str, Any] = {"min_p": scoring.min_p, "repetition_penalty": scoring.repetition_penalty}
         if path is not None:
             decoder, head = path
             hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
             picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            vocab_size = head.weight.shape[0] if hasattr(head, "weight") else None
+            if vocab_size is None and scoring.repetition_penalty != 1.0:
+                with torch.no_grad():
+                    vocab_size = head(picked[:1, :1]).shape[-1]
             out = logprobs_from_hidden(
                 picked,
                 head,
@@ -374,13 +430,22 @@ class HuggingFaceBackend:
                 scoring.top_k,
                 scoring.top_p,
                 chunk_bytes=self.chunk_bytes,
-                vocab_size=head.weight.shape[0] if hasattr(head, "weight") else None,
+                vocab_size=vocab_size,
+                history=self._history(prompt_ids, response_ids, scoring, targets.shape, vocab_size or 0),
+                **processing,
             )
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention).logits
             picked = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
             out = selective_logprobs(
-                picked, targets, scoring.temperature, scoring.top_k, scoring.top_p, chunk_bytes=self.chunk_bytes
+                picked,
+                targets,
+                scoring.temperature,
+                scoring.top_k,
+                scoring.top_p,
+                chunk_bytes=self.chunk_bytes,
+                history=self._history(prompt_ids, response_ids, scoring, targets.shape, picked.shape[-1]),
+                **processing,
             )
         return out.masked_fill(~target_mask, 0.0)
 
@@ -388,8 +453,17 @@ class HuggingFaceBackend:
         self, prompt_ids: list[list[int]], response_ids: list[list[int]], scoring: ScoringConfig
     ) -> torch.Tensor:
         """`[B, T, V]` float32 processed logits predicting each response token (zeros at padding)."""
-        input_ids, attention, positions, _, target_mask = self._pack(prompt_ids, response_ids)
+        input_ids, attention, positions, targets, target_mask = self._pack(prompt_ids, response_ids)
         logits = self.model(input_ids=input_ids, attention_mask=attention).logits
         picked = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        processed = process_logits(picked, scoring.temperature, scoring.top_k, scoring.top_p)
+        history = self._history(prompt_ids, response_ids, scoring, targets.shape, picked.shape[-1])
+        processed = process_logits(
+            picked,
+            scoring.temperature,
+            scoring.top_k,
+            scoring.top_p,
+            min_p=scoring.min_p,
+            repetition_penalty=scoring.repetition_penalty,
+            seen=None if history is None else history.seen_all(),
+        )
         return processed.masked_fill(~target_mask.unsqueeze(-1), 0.0)

@@ -11,7 +11,9 @@ Compared with `model.generate` on repeated prompts (what GRPO does), this loop:
 - on CPU, attends with grouped key/value heads instead of copying the KV cache per query head, and multiplies
   few-row activations weight-major (`cpu_decoding`).
 
-Log-probs are those of the processed distribution (temperature, top-k, top-p), matching `scoring.process_logits`.
+Log-probs are those of the processed distribution (repetition penalty, temperature, min-p, top-k, top-p, in vLLM's
+order), matching `scoring.process_logits`. For the repetition penalty, each live row keeps a `[V]` mask of the ids
+of its prompt and of the tokens sampled so far.
 """
 
 from __future__ import annotations
@@ -367,25 +369,56 @@ def _prefill_rows(
     return cache, logits, mask, next_pos, rows
 
 
+def seen_mask(sequences: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """`[rows, V]` boolean mask of the ids that occur in each row's tokens (what the repetition penalty acts on).
+
+    Args:
+        sequences (`list[list[int]]`): Each row's tokens so far (prompt, then completion).
+        vocab_size (`int`): Number of logits per row.
+        device (`torch.device`): Where the mask lives.
+    """
+    mask = torch.zeros((len(sequences), vocab_size), dtype=torch.bool)
+    for row, ids in enumerate(sequences):
+        if ids:
+            mask[row, torch.tensor(ids, dtype=torch.long)] = True
+    return mask.to(device)
+
+
 def _choose_tokens(
-    logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+    logits: torch.Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    seen: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Picks each live row's next token from its logits (greedy, or sampled from the processed distribution).
+
+    Greedy decoding takes the argmax after the repetition penalty (as vLLM does); sampling processes the logits with
+    the penalty, temperature, min-p, top-k and top-p (`scoring.process_logits`).
 
     Args:
         logits (`torch.Tensor`): `[rows, V]` raw last-position logits.
         sampling (`SamplingConfig`): Validated sampling settings.
         generator (`torch.Generator`, *optional*): Source of randomness, for seeded sampling.
+        seen (`torch.Tensor`, *optional*): `[rows, V]` mask of the ids each row holds so far, with a repetition
+            penalty.
 
     Returns:
         `tuple`: The `[rows]` tokens (on the logits' device); their `[rows]` log-probs on CPU (`None` without
         `return_logprobs`); the `[rows, V]` processed logits on CPU (`None` without `return_logits`).
     """
     if sampling.greedy:
-        processed = logits.float()
+        processed = process_logits(logits, repetition_penalty=sampling.repetition_penalty, seen=seen)
         next_tokens = processed.argmax(dim=-1)
     else:
-        processed = process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        processed = process_logits(
+            logits,
+            sampling.temperature,
+            sampling.top_k,
+            sampling.top_p,
+            min_p=sampling.min_p,
+            repetition_penalty=sampling.repetition_penalty,
+            seen=seen,
+        )
         next_tokens = sample_from_logits(processed, generator)
     step_lp = None
     if sampling.return_logprobs:
@@ -461,16 +494,23 @@ def _sample(
         _keep_turn(turn_cache, prompt_ids[row // n] + done.tokens[row][:-1], cache, mask, j)
 
     on_stop = keep_turn if turn_cache is not None else None
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = seen_mask([prompt_ids[int(r) // n] for r in rows], logits.shape[-1], logits.device)
     while len(rows) > 0:
-        next_tokens, step_lp, step_logits = _choose_tokens(logits, sampling, generator)
+        next_tokens, step_lp, step_logits = _choose_tokens(logits, sampling, generator, seen)
         keep_local = _record_step(done, rows.tolist(), next_tokens.tolist(), step_lp, step_logits, spec, on_stop)
         if not keep_local:
             break
+        if seen is not None:
+            seen[torch.arange(seen.shape[0], device=seen.device), next_tokens.to(seen.device)] = True
         if len(keep_local) < len(rows):
             keep = torch.tensor(keep_local, dtype=torch.long)
             keep_dev = keep.to(spec.device)
             cache.batch_select_indices(keep_dev)
             rows, mask, next_pos, next_tokens = rows[keep], mask[keep_dev], next_pos[keep_dev], next_tokens[keep_dev]
+            if seen is not None:
+                seen = seen[keep.to(seen.device)]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         cache, logits = _forward(
             model,

@@ -3,10 +3,11 @@
 Both modes take and return token ids, so results line up with the Hugging Face backend token for token.
 
 Log-probabilities follow the same contract as everywhere else in the package: the log-prob reported for a sampled
-token is taken under the *processed* distribution (temperature, then top-k, then top-p, renormalised), which is why
-the engine runs with `logprobs_mode="processed_logprobs"`. vLLM's prompt log-probs are *raw* (no temperature, no
-truncation), so `score_logprobs` uses them only at temperature 1 without truncation; otherwise it asks the sampler
-itself for the log-prob of each response token (one single-token request per position, see `score_logprobs`).
+token is taken under the *processed* distribution (repetition penalty, temperature, min-p, top-k, top-p, in the
+sampler's order, renormalised), which is why the engine runs with `logprobs_mode="processed_logprobs"`. vLLM's prompt
+log-probs are *raw* (no penalty, no temperature, no truncation), so `score_logprobs` uses them only at temperature 1
+without truncation or penalty; otherwise it asks the sampler itself for the log-prob of each response token (one
+single-token request per position, see `score_logprobs`).
 
 Where requests go is a `connection.EngineConnection`: the in-process engine (`engine`) or a pool of one or more
 servers (`pool`, over the HTTP client in `client`). Weight pushes are checked in `weights.checks`, sent to servers by
@@ -19,11 +20,12 @@ scheduler settings derived from them); whether vLLM is installed and can run her
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -31,6 +33,7 @@ import torch
 from ...errors import (
     InvalidValueError,
     NoServerLeftError,
+    OperationError,
     UnsupportedError,
     VLLMEngineStartError,
     VLLMServerError,
@@ -51,6 +54,7 @@ from .options import (
     NON_EMPTY_STR,
     VLLMOptions,
     backend_option_names,
+    cpu_only,
     cpu_scheduler_settings,
     default_cpu_kv_cache_bytes,
     engine_memory_settings,
@@ -116,8 +120,14 @@ def _start_failure_message(exc: BaseException, memory: Mapping[str, Any]) -> str
     return f"The vLLM engine failed to start ({type(exc).__name__}: {text}). Memory settings: {used}. {advice}"
 
 
-def _start_engine(model_name: str, options: VLLMOptions) -> Any:
+def _start_engine(model_name: str, options: VLLMOptions, memory: Mapping[str, Any] | None = None) -> Any:
     """Starts the in-process `vllm.LLM` with `options`, the memory settings they imply and processed log-probs.
+
+    Args:
+        model_name (`str`): The model.
+        options (`VLLMOptions`): The options.
+        memory (`Mapping[str, Any]`, *optional*): The memory arguments (`engine_memory_settings` of the options when
+            not given).
 
     Raises:
         VLLMEngineStartError: If the engine cannot start; the message names the memory setting to change.
@@ -126,8 +136,11 @@ def _start_engine(model_name: str, options: VLLMOptions) -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    memory = engine_memory_settings(options.gpu_memory_utilization, options.kv_cache_memory_bytes)
+    if memory is None:
+        memory = engine_memory_settings(options.gpu_memory_utilization, options.kv_cache_memory_bytes)
     engine_kwargs = {**cpu_scheduler_settings(options.engine_kwargs), **options.engine_kwargs}
+    if options.enable_sleep_mode:
+        engine_kwargs["enable_sleep_mode"] = True
     try:
         # On the CPU build the engine's start rebinds this process's threads, cores and memory policy, which would
         # starve the trainer it shares the process with: restored as they were (see cpu_threads).
@@ -144,6 +157,22 @@ def _start_engine(model_name: str, options: VLLMOptions) -> Any:
             )
     except Exception as exc:
         raise VLLMEngineStartError(_start_failure_message(exc, memory)) from exc
+
+
+def defers_start(options: VLLMOptions) -> bool:
+    """Whether an in-process engine with `options` starts at its first use rather than when the backend is built.
+
+    On a GPU, an engine whose memory share or sleep mode was left unset waits, so that `rollout_func` can give it the
+    trainer's settings first (`trl.colocate.follow_trainer_memory`): a share taken at start cannot be given back. On
+    the CPU build (a byte budget, no sleep mode) and with both settings given, it starts at once.
+    """
+    if options.server_mode or cpu_only():
+        return False
+    return not (options.memory_is_set and options.is_set("enable_sleep_mode"))
+
+
+ALL_SLEEP_TAGS = frozenset({"weights", "kv_cache"})
+"""What a sleeping engine has released (vLLM's `wake_up(tags)` names)."""
 
 
 def _server_pool(model_name: str, options: VLLMOptions) -> ServerPool:
@@ -187,10 +216,18 @@ class VLLMBackend:
     Where requests go is a `connection.EngineConnection`: `InProcessEngine` in-process, `ServerPool`
     for servers. This class plans the requests, validates pushed weights and pads the results.
 
+    On a GPU, an in-process engine whose memory share or sleep mode was left unset starts at its first use (or
+    `start()`), so a trainer can give it its share first (see `defers_start`). With `enable_sleep_mode=True` it can
+    free its GPU memory between rollouts: `sleep()` releases it (`sleep_level` 1: weights to host memory; 2: weights
+    discarded, so the next push must reload them), `wake_up()` takes it back; requests wake a sleeping engine, and a
+    weight push wakes its weights first, so weights are only ever loaded into an awake engine. Every weight change
+    drops the prefix cache, so no request reuses KV computed with old weights.
+
     The keyword options (`tensor_parallel_size`, `dtype`, `gpu_memory_utilization`, `kv_cache_memory_bytes`,
-    `base_url`, `api_key`, `timeout`, `max_retries`, `weight_transfer`, `weight_transfer_dir`, `weight_chunk_bytes`,
-    `sync_adapters`, `seed`, `trust_remote_code`) are the fields of `VLLMOptions`, documented there with their
-    defaults and the values they allow, and validated there before vLLM is imported or the tokenizer loads.
+    `enable_sleep_mode`, `sleep_level`, `base_url`, `api_key`, `timeout`, `max_retries`, `weight_transfer`,
+    `weight_transfer_dir`, `weight_chunk_bytes`, `sync_adapters`, `seed`, `trust_remote_code`) are the fields of
+    `VLLMOptions`, documented there with their defaults and the values they allow, and validated there before vLLM is
+    imported or the tokenizer loads.
     `VLLMBackend.from_options(model_name, options)` takes them as one `VLLMOptions`.
 
     Args:
@@ -221,6 +258,8 @@ class VLLMBackend:
         dtype: str = "auto",
         gpu_memory_utilization: float | None = None,
         kv_cache_memory_bytes: int | None = None,
+        enable_sleep_mode: bool | None = None,
+        sleep_level: int = 1,
         base_url: str | Sequence[str] | None = None,
         api_key: str | None = None,
         timeout: float = 600.0,
@@ -239,6 +278,8 @@ class VLLMBackend:
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
+            enable_sleep_mode=enable_sleep_mode,
+            sleep_level=sleep_level,
             base_url=base_url,
             api_key=api_key,
             timeout=timeout,
@@ -260,16 +301,21 @@ class VLLMBackend:
         self._base_changed = False  # whether full weights were pushed (an adapter then needs the base pushed back)
         self.last_push: PushReport | None = None
         """What the latest weight push did (servers reached, bytes, seconds), or `None` before the first."""
-        self.connection: EngineConnection
+        self.engine_memory: dict[str, Any] | None = None
+        """The memory arguments the in-process engine started with (`None` before it starts, and with servers)."""
+        self._asleep: set[str] = set()  # what the sleeping engine released ("weights", "kv_cache")
+        self._weights_lost = False  # a level-2 sleep discarded the weights: a push must come before any request
+        self._connection: EngineConnection | None = None
+        self._engine_dtype: torch.dtype | None = None  # read once known (see `engine_dtype`)
         if options.server_mode:
-            self.connection = _server_pool(model_name, options)
+            self._connection = _server_pool(model_name, options)
         else:
             require_vllm()
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=options.trust_remote_code)
-        if not options.server_mode:
-            self.connection = InProcessEngine(_start_engine(model_name, options))
+        if not options.server_mode and not defers_start(options):
+            self.start()
 
     @classmethod
     def from_options(cls, model_name: str, options: VLLMOptions) -> VLLMBackend:
@@ -283,6 +329,100 @@ class VLLMBackend:
             `VLLMBackend`: The backend, connected to its servers or with its engine started.
         """
         return cls(model_name, **options.backend_kwargs())
+
+    # ------------------------------------------------------------------------------------ engine life cycle
+    @property
+    def connection(self) -> EngineConnection:
+        """Where requests go: the in-process engine (started here if it has not started yet) or the servers."""
+        if self._connection is None:
+            self.start()
+        assert self._connection is not None
+        return self._connection
+
+    @property
+    def started(self) -> bool:
+        """Whether the in-process engine has started (always `True` with servers)."""
+        return self._connection is not None
+
+    def start(self) -> None:
+        """Starts the in-process engine now, if it has not started (it otherwise starts at its first use).
+
+        Raises:
+            VLLMEngineStartError: If the engine cannot start; the message names the memory setting to change.
+        """
+        if self._connection is not None:
+            return
+        memory = engine_memory_settings(self.options.gpu_memory_utilization, self.options.kv_cache_memory_bytes)
+        self._connection = InProcessEngine(_start_engine(self.model_name, self.options, memory))
+        self.engine_memory = memory
+
+    def update_engine_options(self, **changes: Any) -> None:
+        """Changes options of the in-process engine before it starts (a checked copy of `options`).
+
+        Args:
+            **changes: `VLLMOptions` fields, e.g. `gpu_memory_utilization=0.3`, `enable_sleep_mode=True`.
+
+        Raises:
+            OperationError: If the engine has already started (its memory cannot be given back).
+            ValueError: If a value is not allowed (see `VLLMOptions`).
+        """
+        if self.started:
+            raise OperationError(
+                f"The vLLM engine has already started; {sorted(changes)} can only be changed before it starts."
+            )
+        self.options = dataclasses.replace(self.options, **changes)
+
+    @property
+    def sleeps(self) -> bool:
+        """Whether the engine runs with sleep mode (`enable_sleep_mode=True`), so `sleep()` frees its memory."""
+        return bool(self.options.enable_sleep_mode) and not self.server_mode
+
+    @property
+    def sleeping(self) -> bool:
+        """Whether the engine is asleep, wholly or in part (weights or KV cache released)."""
+        return bool(self._asleep)
+
+    @property
+    def weights_lost(self) -> bool:
+        """Whether a level-2 sleep discarded the engine's weights, so a weight push must come before any request."""
+        return self._weights_lost
+
+    def sleep(self) -> None:
+        """Frees the engine's GPU memory until the next `wake_up()` or request (`sleep_level` 1: weights to host
+        memory; 2: weights discarded) and drops its KV and prefix caches. A no-op without sleep mode, before the engine
+        started, or when already asleep."""
+        if not self.sleeps or not self.started or self._asleep:
+            return
+        level = self.options.sleep_level
+        cast(InProcessEngine, self.connection).sleep(level)
+        self._asleep = set(ALL_SLEEP_TAGS)
+        if level >= 2:
+            self._weights_lost = True
+            self._base_changed = True  # a pushed adapter needs its base weights pushed back first
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Takes back what `sleep()` released: all of it, or the parts named (`"weights"`, `"kv_cache"`).
+
+        Waking the weights first and the KV cache after the weight push keeps the peak low (vLLM's own order). A
+        no-op when awake.
+
+        Args:
+            tags (`Sequence[str]`, *optional*): `"weights"` and/or `"kv_cache"`; all when not given.
+        """
+        wanted = set(ALL_SLEEP_TAGS if tags is None else tags) & self._asleep
+        if not wanted:
+            return
+        cast(InProcessEngine, self.connection).wake_up(None if wanted == ALL_SLEEP_TAGS else sorted(wanted))
+        self._asleep -= wanted
+
+    def _awake_for_requests(self) -> None:
+        """Wakes a sleeping engine before a request; refuses one that lost its weights in a level-2 sleep."""
+        if self._weights_lost:
+            raise OperationError(
+                "The vLLM engine slept at level 2 and discarded its weights; push weights (`load_weights_from_model`) "
+                "before generating or scoring, or use `sleep_level=1`."
+            )
+        self.wake_up()
 
     # ----------------------------------------------------------------------------------------------- state
     @property
@@ -360,6 +500,34 @@ class VLLMBackend:
         """The engine's `max_model_len` (in server mode, as reported by `/v1/models`)."""
         return self.connection.max_model_len()
 
+    @property
+    def engine_dtype(self) -> torch.dtype | None:
+        """The dtype the engine holds the weights and computes in, or `None` when it cannot be known.
+
+        vLLM resolves `dtype="auto"` itself: a float32 checkpoint is served in the platform's first supported dtype,
+        bfloat16 on GPUs with bfloat16 and on the CPU build (`vllm/config/model.py`, `_resolve_auto_dtype`), so an
+        `"auto"` engine can sample in another dtype than a float32 trainer. In-process, read from the engine's model
+        config (`None` before the engine starts); with servers, as a server's worker extension reports it
+        (`trl-inference serve`; `None` for a server without it or none reachable), read once.
+        """
+        if self._engine_dtype is None:
+            self._engine_dtype = self._read_engine_dtype()
+        return self._engine_dtype
+
+    def _read_engine_dtype(self) -> torch.dtype | None:
+        connection = self._connection
+        if isinstance(connection, InProcessEngine):
+            if connection.llm is None:
+                return None
+            dtype = connection.llm.llm_engine.model_config.dtype
+            return dtype if isinstance(dtype, torch.dtype) else None
+        if isinstance(connection, ServerPool):
+            try:
+                return connection.describe().dtype
+            except (OperationError, ConnectionError, TimeoutError) as exc:  # no extension, no dev routes, no server
+                logger.debug("The servers did not report their dtype: %s", exc)
+        return None
+
     def mark_weights_updated(self) -> None:
         """Declares that the served weights changed elsewhere (e.g. servers updated by another training process).
 
@@ -373,12 +541,13 @@ class VLLMBackend:
 
     def _bump_version(self) -> None:
         self._version += 1
-        if isinstance(self.connection, InProcessEngine):
-            self.connection.reset_prefix_cache()
+        if isinstance(self._connection, InProcessEngine):
+            self._connection.reset_prefix_cache()
 
     def close(self) -> None:
-        """Shuts the in-process engine down (no-op in server mode or when already closed)."""
-        self.connection.close()
+        """Shuts the in-process engine down (no-op in server mode, when already closed or never started)."""
+        if self._connection is not None:
+            self._connection.close()
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[SequenceOutput]:
@@ -400,6 +569,7 @@ class VLLMBackend:
             ValueError: If the temperature is outside what vLLM supports (0, or 0.01 to 2).
         """
         check_sampling(sampling)
+        self._awake_for_requests()
         prompts, n, offsets = request_plan(prompt_ids, sampling)
         seeds = [request_seed(sampling, o) for o in offsets]
         per_prompt = sampling.num_return_sequences // n  # requests per original prompt
@@ -424,7 +594,8 @@ class VLLMBackend:
         cannot be used (they ignore temperature and truncation, and renormalising them would need the full
         vocabulary at every position: `T × V` values shipped to Python). Instead each response token is scored by
         the sampler itself: one single-token request per position, with prompt `prompt + response[:t]`, the same
-        temperature / top-k / top-p, and `logprob_token_ids=[response[t]]`, so the value is exactly what sampling
+        repetition penalty / temperature / min-p / top-k / top-p, and `logprob_token_ids=[response[t]]`, so the value
+        is exactly what sampling
         reports. With prefix caching (vLLM's default) the shared prefixes are mostly reused (with several servers,
         all prefixes of a sequence go to one); the cost is about one decoding step per response token, and memory
         stays `O(T)`.
@@ -445,6 +616,7 @@ class VLLMBackend:
                 f"`prompt_ids` and `response_ids` must have the same length, got {len(prompt_ids)} and "
                 f"{len(response_ids)}."
             )
+        self._awake_for_requests()
         if needs_processing(scoring):
             check_temperature(scoring.temperature)
             rows = self._score_processed(prompt_ids, response_ids, scoring)
@@ -481,9 +653,18 @@ class VLLMBackend:
     def _score_processed(
         self, prompt_ids: list[list[int]], response_ids: list[list[int]], scoring: ScoringConfig
     ) -> list[torch.Tensor]:
-        """Response log-probs under temperature / top-k / top-p: one single-token request per response token."""
+        """Response log-probs under the processed distribution: one single-token request per response token.
+
+        The request's prompt is `prompt + response[:t]`, so vLLM's repetition penalty (which acts on the prompt's ids
+        and the output's) covers exactly the ids before position `t`, as during sampling.
+        """
         sampling = SamplingConfig(
-            max_new_tokens=1, temperature=scoring.temperature, top_k=scoring.top_k, top_p=scoring.top_p
+            max_new_tokens=1,
+            temperature=scoring.temperature,
+            top_k=scoring.top_k,
+            top_p=scoring.top_p,
+            min_p=scoring.min_p,
+            repetition_penalty=scoring.repetition_penalty,
         )
         jobs = [(i, t) for i, r in enumerate(response_ids) for t in range(len(r))]
         values: list[float] = []
@@ -547,8 +728,8 @@ class VLLMBackend:
         uses only what vLLM supports: see `weights.lora.adapter_unsupported_reason`), only the adapter is pushed and
         requests are served with it, loaded in place under `weights.lora.ADAPTER_NAME`. Otherwise the adapters are
         merged for the push (`merge_adapter()`) and unmerged afterwards (`unmerge_adapter()`), even on error, and the
-        merged weights are sent under their checkpoint names. DDP/DeepSpeed wrappers are unwrapped. Parameters
-        sharded by FSDP or ZeRO-3 must be gathered by the caller first.
+        merged weights are sent under their checkpoint names. DDP/DeepSpeed wrappers are unwrapped. For parameters
+        sharded by FSDP2 or ZeRO-3, use `trl.gather.push_model_weights`, which gathers them one at a time.
 
         The adapter path assumes the engine's base weights are the PEFT model's base (the server was started on the
         same checkpoint); after a full-weight push the base weights are pushed back once before the adapter.
@@ -575,11 +756,59 @@ class VLLMBackend:
         with merged_checkpoint_weights(model) as weights:
             return self.load_weights(weights)
 
+    def load_weight_stream(self, names: Sequence[str], stream: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Loads weights that arrive one at a time (e.g. gathered from a sharded trainer), without holding them all.
+
+        The names are checked first, as `load_weights` checks them, before any tensor is produced; then `stream` is
+        consumed once, in the order of `names`. An in-process engine copies each tensor into its parameters as it
+        arrives, so the caller can release it right after; servers are sent a host copy of each one (the push swaps
+        all of them in at once, so the set is staged in host memory, never on the device).
+
+        Args:
+            names (`Sequence[str]`): The checkpoint names `stream` yields, in its order.
+            stream (iterable of `(name, tensor)`): The weights, produced lazily.
+
+        Returns:
+            `int`: The new `weights_version`.
+
+        Raises:
+            ValueError: If a name is unknown to the engine, a fused module is incomplete, or `names` is empty.
+        """
+        target = self.connection.describe()
+        placeholder = torch.empty(0)
+        kept = check_pushed_weights(
+            [(n, placeholder) for n in names],
+            engine_params=target.params,
+            packed_modules=target.packed_modules,
+            tied_embeddings=target.tied_embeddings,
+        )
+        if not kept:
+            raise InvalidValueError("`names` is empty: there is nothing to load.")
+        wanted = {n for n, _ in kept}
+        in_process = isinstance(self.connection, InProcessEngine) and self.connection.direct_rpc()
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in stream:
+                if name in wanted:
+                    yield name, (tensor.detach() if in_process else tensor.detach().cpu())
+
+        if in_process:
+            engine = cast(InProcessEngine, self.connection)
+            self._push(lambda version: engine.push_weights(weights(), version, target))
+        else:
+            pushed = list(weights())
+            self._push(lambda version: self.connection.push_weights(pushed, version, target))
+        self._base_changed = True
+        return self._version
+
     def _push(self, push: Callable[[str], PushReport]) -> None:
         """Runs one push under the next version; the version is bumped even when it fails, as weights may have
-        changed somewhere, so no cached generation from before can be served."""
+        changed somewhere, so no cached generation from before can be served. A sleeping in-process engine gets its
+        weights back first (only then can they be loaded), and after the push the weights are current again."""
+        self.wake_up(["weights"])
         try:
             self.last_push = push(f"trl-{self._session}-{self._version + 1}")
+            self._weights_lost = False
         finally:
             self._bump_version()
 

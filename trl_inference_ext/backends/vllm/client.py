@@ -33,7 +33,7 @@ from ...errors import (
     VLLMServerUnusableError,
 )
 from ...types import SamplingConfig
-from .sampling import Completion, finish_reason, sampler_settings
+from .sampling import Completion, finish_reason, merged_engine_options, sampler_settings
 
 _RETRY_STATUSES = (502, 503, 504)
 _ERROR_BODY_CHARS = 500
@@ -48,7 +48,8 @@ def completion_payload(
     Args:
         prompt (`list[int]`): Prompt token ids.
         n (`int`): Completions to sample.
-        sampling (`SamplingConfig`): Sampling settings (validated by the caller).
+        sampling (`SamplingConfig`): Sampling settings (validated by the caller); its `engine_options` are added to
+            the body as they are.
         seed (`int`, *optional*): Request seed.
         logprob_token (`int`, *optional*): Ask for the log-prob of this token at the first sampled position
             instead of the sampled tokens' log-probs.
@@ -60,16 +61,15 @@ def completion_payload(
         "prompt": list(prompt),
         "n": n,
         "max_tokens": sampling.max_new_tokens,
+        # All five sampler settings are sent, and neutral penalties besides, so a server default from
+        # `generation_config.json` cannot change the distribution behind the reported log-probs.
         **sampler_settings(sampling),
-        # Explicit neutral values, so a server default from `generation_config.json` cannot change the
-        # distribution behind the reported log-probs.
-        "min_p": 0.0,
-        "repetition_penalty": 1.0,
         "presence_penalty": 0.0,
         "frequency_penalty": 0.0,
         "return_token_ids": True,
         "return_tokens_as_token_ids": True,
     }
+    payload = merged_engine_options(payload, sampling)
     if seed is not None:
         payload["seed"] = seed
     if sampling.stop:

@@ -11,16 +11,25 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from ...errors import OperationError
 from ...types import SamplingConfig
-from .sampling import Completion, finish_reason, sampler_settings
+from .sampling import Completion, finish_reason, merged_engine_options, sampler_settings
 from .weights.checks import DEFAULT_PACKED_MODULES, NamedTensors
 from .weights.lora import ADAPTER_NAME, AdapterExport
 from .weights.transfer import PushReport, WeightTarget
+
+
+def _structured(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with the nested options given as dicts (as JSON requests give them) built into vLLM's classes."""
+    from vllm.sampling_params import RepetitionDetectionParams, StructuredOutputsParams
+
+    classes = {"structured_outputs": StructuredOutputsParams, "repetition_detection": RepetitionDetectionParams}
+    return {k: classes[k](**v) if k in classes and isinstance(v, dict) else v for k, v in settings.items()}
 
 
 def _entries(logprobs: Any, position: int) -> list[tuple[int, float]]:
@@ -71,20 +80,22 @@ class InProcessEngine:
     def sampling_params(
         self, sampling: SamplingConfig, n: int, seed: int | None, *, logprob_token: int | None = None
     ) -> Any:
-        """`vllm.SamplingParams` for `sampling`; with `logprob_token`, reports that token's log-prob instead."""
+        """`vllm.SamplingParams` for `sampling`, with its `engine_options` merged in; with `logprob_token`, reports
+        that token's log-prob instead."""
         from vllm import SamplingParams
 
-        return SamplingParams(
-            n=n,
+        settings = {
+            "n": n,
             **sampler_settings(sampling),
-            seed=seed,
-            max_tokens=sampling.max_new_tokens,
-            stop=list(sampling.stop) or None,
-            logprobs=0 if sampling.return_logprobs and logprob_token is None else None,
-            logprob_token_ids=None if logprob_token is None else [logprob_token],
-            flat_logprobs=True,
-            detokenize=bool(sampling.stop),  # stop strings need text; otherwise ids are all we use
-        )
+            "seed": seed,
+            "max_tokens": sampling.max_new_tokens,
+            "stop": list(sampling.stop) or None,
+            "logprobs": 0 if sampling.return_logprobs and logprob_token is None else None,
+            "logprob_token_ids": None if logprob_token is None else [logprob_token],
+            "flat_logprobs": True,
+            "detokenize": bool(sampling.stop),  # stop strings need text; otherwise ids are all we use
+        }
+        return SamplingParams(**_structured(merged_engine_options(settings, sampling)))
 
     def _run(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
         inputs = [{"prompt_token_ids": list(p)} for p in prompts]
@@ -179,22 +190,35 @@ class InProcessEngine:
             )
         return self._target
 
-    def push_weights(self, weights: NamedTensors, version: str, target: WeightTarget) -> PushReport:
-        """Loads checked weights into the model and drops the prefix cache; full weights end any pushed adapter."""
+    def push_weights(
+        self, weights: NamedTensors | Iterable[tuple[str, torch.Tensor]], version: str, target: WeightTarget
+    ) -> PushReport:
+        """Loads checked weights into the model and drops the prefix cache; full weights end any pushed adapter.
+
+        When the worker shares this process, `weights` may be a lazy iterable: it is consumed once, each tensor copied
+        into the model as it arrives (so a sharded trainer can gather one at a time).
+        """
         started = time.perf_counter()
+        nbytes = 0
+
+        def counted() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal nbytes
+            for name, tensor in weights:
+                nbytes += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
         if self.direct_rpc():
-            self._engine().collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            self._engine().collective_rpc("reload_weights", kwargs={"weights_iterator": counted()})
         else:  # workers live in other processes: hand the tensors over through a safetensors file
             from safetensors.torch import save_file
 
             with tempfile.TemporaryDirectory(prefix="trl_inference_ext_weights_") as folder:
                 save_file(
-                    {n: t.detach().cpu().contiguous() for n, t in weights}, os.path.join(folder, "model.safetensors")
+                    {n: t.detach().cpu().contiguous() for n, t in counted()}, os.path.join(folder, "model.safetensors")
                 )
                 self._engine().collective_rpc("reload_weights", kwargs={"weights_path": folder})
         self._set_adapter(None, None)
         self.reset_prefix_cache()
-        nbytes = sum(t.numel() * t.element_size() for _, t in weights)
         return PushReport(servers=["in-process"], bytes_sent=nbytes, seconds=time.perf_counter() - started)
 
     def push_adapter(self, adapter: AdapterExport, version: str) -> PushReport:
@@ -227,6 +251,15 @@ class InProcessEngine:
             self._engine().llm_engine.remove_lora(previous.lora_int_id)
         if old_folder is not None:
             shutil.rmtree(old_folder, ignore_errors=True)
+
+    def sleep(self, level: int) -> None:
+        """Releases the engine's GPU memory (`vllm.LLM.sleep(level)`: 1 moves the weights to host memory, 2 discards
+        them; both drop the KV and prefix caches). Needs an engine started with `enable_sleep_mode=True`."""
+        self._engine().sleep(level=level)
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Takes back the memory `sleep` released: all of it, or the parts named (`"weights"`, `"kv_cache"`)."""
+        self._engine().wake_up(None if tags is None else list(tags))
 
     def reset_prefix_cache(self) -> None:
         """Drops the prefix cache, whose KV entries were computed with the old weights."""

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ...config_checks import POSITIVE_INT, Check, check_fields, int_at_least, is_real
-from ...errors import InvalidTypeError, InvalidValueError
+from ...config_checks import POSITIVE_INT, Check, check_bool, check_fields, int_at_least, is_int, is_real
+from ...errors import InvalidTypeError, InvalidValueError, UnsupportedError
 from ..options import check_options
 from .availability import is_cpu_build, require_vllm
 from .weights import DEFAULT_CHUNK_BYTES, WEIGHT_TRANSFERS, chosen_weight_transfer
@@ -34,6 +34,12 @@ from .weights import DEFAULT_CHUNK_BYTES, WEIGHT_TRANSFERS, chosen_weight_transf
 # ------------------------------------------------------------------------------------------------ validators
 NON_EMPTY_STR = Check("a non-empty string", lambda v: isinstance(v, str) and v != "")
 FRACTION = Check("in (0, 1]", lambda v: is_real(v) and 0.0 < v <= 1.0)
+MEMORY_SHARE = Check(
+    "in (0, 1] (a share of the device) or a size in bytes (an int > 1)",
+    lambda v: is_real(v) and (0.0 < v <= 1.0 or (is_int(v) and v > 1)),
+)
+"""A memory share: a fraction of the device's memory, or a number of bytes (an int > 1; `1` is the whole device)."""
+SLEEP_LEVEL = Check("1 (weights kept in host memory) or 2 (weights discarded)", lambda v: is_int(v) and v in (1, 2))
 # Unlike the ints above, a bool passes here (`True` is 1 s), as it always has.
 POSITIVE_SECONDS = Check("a positive number of seconds", lambda v: isinstance(v, (int, float)) and v > 0)
 # A false value (`None`, `""`) means "unset" for these two, as it always has.
@@ -110,6 +116,33 @@ def _in_server_mode(options: VLLMOptions) -> bool:
     return options.server_mode
 
 
+def _sleeps(options: VLLMOptions) -> bool:
+    """Whether `sleep_level` is used: with sleep mode on."""
+    return bool(options.enable_sleep_mode)
+
+
+def check_optional_bool(name: str, value: Any) -> bool | None:
+    """Validator of a bool option whose `None` means "not set" (the default applies, or the trainer's config)."""
+    return None if value is None else check_bool(name, value)
+
+
+def is_memory_bytes(share: float | int) -> bool:
+    """Whether a memory share (`MEMORY_SHARE`) is a size in bytes rather than a fraction of the device."""
+    return is_int(share) and share > 1
+
+
+def cpu_only() -> bool:
+    """Whether an in-process engine here runs on vLLM's CPU build (no CUDA device to run on)."""
+    return is_cpu_build() and not torch.cuda.is_available()
+
+
+SLEEP_MODE_ON_CPU = (
+    "Sleep mode needs a GPU: vLLM's CPU build refuses `enable_sleep_mode` ('Sleep mode is not supported on current "
+    "platform.'), and its workers ignore `sleep()`. Leave `enable_sleep_mode` unset (and `vllm_enable_sleep_mode="
+    "False` in `GRPOConfig`) on this machine."
+)
+
+
 def _pushes_in_chunks(options: VLLMOptions) -> bool:
     """Whether `weight_chunk_bytes` is used: in server mode, by every weight transfer but `"filesystem"`."""
     return options.server_mode and options.resolved_weight_transfer != "filesystem"
@@ -131,14 +164,27 @@ class VLLMOptions:
         tensor_parallel_size (`int`, *optional*, defaults to `1`): GPUs per engine (in-process mode).
         dtype (`str`, *optional*, defaults to `"auto"`): Weight dtype, e.g. `"auto"`, `"bfloat16"`, `"float32"`
             (checked by vLLM, which names the allowed values).
-        gpu_memory_utilization (`float`, *optional*): Share of GPU memory vLLM may take, in (0, 1]; 0.9 on a GPU
-            when neither this nor `kv_cache_memory_bytes` is given. Lower it when a trainer shares the device. On
-            the CPU build it is a share of the NUMA node's RAM *minus what this process already holds*, so the same
-            value starts on one machine and fails on another: size the KV cache in bytes there instead.
+        gpu_memory_utilization (`float` or `int`, *optional*): Memory vLLM may take on its GPU (weights, activations
+            and KV cache): a share of the device in (0, 1], or a size in bytes (an int > 1, e.g. `20 * 2**30`,
+            turned into the share of the device's total memory it is when the engine starts). 0.9 on a GPU when
+            neither this nor `kv_cache_memory_bytes` is given; an engine handed to `rollout_func` then takes the
+            trainer's `GRPOConfig.vllm_gpu_memory_utilization` instead (see `trl.colocate`). On the CPU build a
+            fraction is a share of the NUMA node's RAM *minus what this process already holds*, so the same value
+            starts on one machine and fails on another: size the KV cache in bytes there instead (a size in bytes
+            given here is used as `kv_cache_memory_bytes` on the CPU build, where the weights are in host memory
+            anyway). `None` means "not set".
         kv_cache_memory_bytes (`int`, *optional*): KV-cache size in bytes, a positive int (takes precedence over
             `gpu_memory_utilization`). On the CPU build it defaults to `default_cpu_kv_cache_bytes()` (1 GiB, or a
             quarter of the available memory when that is less) unless `gpu_memory_utilization` or the
             `VLLM_CPU_KVCACHE_SPACE` environment variable is set.
+        enable_sleep_mode (`bool`, *optional*): vLLM's sleep mode (in-process mode; needs a GPU): the engine can
+            free its GPU memory between rollouts (`VLLMBackend.sleep()` / `wake_up()`,
+            `trl.colocate.awake_for_rollout`) so the trainer's passes can use it. `None` means "not set": off, or the
+            trainer's `GRPOConfig.vllm_enable_sleep_mode` once the engine is handed to `rollout_func`. Refused on
+            vLLM's CPU build, which cannot sleep. With servers, start them with `--enable-sleep-mode` instead.
+        sleep_level (`int`, *optional*, defaults to `1`): How deep the engine sleeps: `1` moves the weights to host
+            memory and drops the KV cache; `2` drops both (least memory; the next weight push reloads the weights, so
+            a rollout must push weights after each level-2 sleep). Used with `enable_sleep_mode`.
         seed (`int`, *optional*, defaults to `0`): Engine seed (in-process mode; checked by vLLM).
         trust_remote_code (`bool`, *optional*, defaults to `False`): Passed to vLLM and the tokenizer.
         sync_adapters (`bool`, *optional*, defaults to `True`): Let `load_weights_from_model` push only the LoRA
@@ -180,12 +226,13 @@ class VLLMOptions:
         default="auto",
         metadata={"help": "Weight dtype, e.g. 'auto', 'bfloat16', 'float32' (checked by vLLM).", "check": None},
     )
-    gpu_memory_utilization: float | None = field(
+    gpu_memory_utilization: float | int | None = field(
         default=None,
         metadata={
-            "help": "Share of GPU memory vLLM may take, in (0, 1]; 0.9 on a GPU when no memory setting is given. On "
-            "the CPU build prefer `kv_cache_memory_bytes`.",
-            "check": FRACTION.or_none(),
+            "help": "Memory vLLM may take on its GPU: a share in (0, 1] or a size in bytes (an int > 1); 0.9 on a GPU "
+            "when no memory setting is given, the trainer's share under `rollout_func`. On the CPU build prefer "
+            "`kv_cache_memory_bytes`.",
+            "check": MEMORY_SHARE.or_none(),
         },
     )
     kv_cache_memory_bytes: int | None = field(
@@ -194,6 +241,22 @@ class VLLMOptions:
             "help": "KV-cache size in bytes (takes precedence over `gpu_memory_utilization`); on the CPU build "
             "`default_cpu_kv_cache_bytes()` when no memory setting is given.",
             "check": POSITIVE_INT.or_none(),
+        },
+    )
+    enable_sleep_mode: bool | None = field(
+        default=None,
+        metadata={
+            "help": "vLLM's sleep mode (in-process, GPU only): free the engine's GPU memory between rollouts. Unset: "
+            "off, or the trainer's `vllm_enable_sleep_mode` under `rollout_func`.",
+            "check": check_optional_bool,
+        },
+    )
+    sleep_level: int = field(
+        default=1,
+        metadata={
+            "help": "1: weights to host memory while asleep; 2: weights discarded (the next push reloads them).",
+            "check": SLEEP_LEVEL,
+            "used_when": _sleeps,
         },
     )
     seed: int = field(default=0, metadata={"help": "Engine seed (in-process mode; checked by vLLM).", "check": None})
@@ -277,6 +340,24 @@ class VLLMOptions:
             raise InvalidValueError(
                 "`weight_transfer` and `weight_transfer_dir` are options of server mode (`base_url`)."
             )
+        if self.enable_sleep_mode and self.server_mode:
+            raise InvalidValueError(
+                "`enable_sleep_mode` is an option of an in-process engine; start the servers with "
+                "`--enable-sleep-mode`."
+            )
+        if self.enable_sleep_mode and cpu_only():
+            raise UnsupportedError(SLEEP_MODE_ON_CPU)
+
+    def is_set(self, name: str) -> bool:
+        """Whether the option `name` was given (by the user, or by `trl.colocate` from the trainer's config) rather
+        than left to its default; meaningful for the options whose `None` means "not set" (`gpu_memory_utilization`,
+        `kv_cache_memory_bytes`, `enable_sleep_mode`)."""
+        return getattr(self, name) is not None
+
+    @property
+    def memory_is_set(self) -> bool:
+        """Whether a memory setting was given (`gpu_memory_utilization` or `kv_cache_memory_bytes`)."""
+        return self.is_set("gpu_memory_utilization") or self.is_set("kv_cache_memory_bytes")
 
     @property
     def server_mode(self) -> bool:
@@ -367,24 +448,66 @@ def default_cpu_kv_cache_bytes() -> int:
     return max(64 << 20, min(DEFAULT_CPU_KV_CACHE_BYTES, available // 4))
 
 
-def engine_memory_settings(gpu_memory_utilization: float | None, kv_cache_memory_bytes: int | None) -> dict[str, Any]:
-    """The memory arguments for `vllm.LLM`: what the user gave, else a byte budget on CPU, else 0.9 of the GPU.
+def device_memory_bytes() -> int | None:
+    """Total memory of the current CUDA device in bytes (what vLLM's `gpu_memory_utilization` is a share of), or
+    `None` without one."""
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.mem_get_info()[1])
+
+
+def memory_fraction(share: float | int, total_bytes: int | None, name: str = "gpu_memory_utilization") -> float:
+    """A memory share (`MEMORY_SHARE`: a fraction, or bytes) as the fraction of a device of `total_bytes` it is.
 
     Args:
-        gpu_memory_utilization (`float`, *optional*): As given to `VLLMBackend`.
+        share (`float` or `int`): A fraction in (0, 1] or a size in bytes (an int > 1).
+        total_bytes (`int`, *optional*): The device's memory; needed only for a size in bytes.
+        name (`str`, *optional*, defaults to `"gpu_memory_utilization"`): The option, for the messages.
+
+    Returns:
+        `float`: The fraction in (0, 1].
+
+    Raises:
+        InvalidValueError: If a size in bytes exceeds the device, or there is no device to measure it against.
+    """
+    if not is_memory_bytes(share):
+        return float(share)
+    if total_bytes is None:
+        raise InvalidValueError(f"`{name}={share}` is a size in bytes, and there is no GPU here to take it from.")
+    if share > total_bytes:
+        raise InvalidValueError(
+            f"`{name}={share}` bytes is more than the GPU holds ({total_bytes} bytes); give a smaller size or a "
+            "fraction in (0, 1]."
+        )
+    return share / total_bytes
+
+
+def engine_memory_settings(
+    gpu_memory_utilization: float | int | None, kv_cache_memory_bytes: int | None
+) -> dict[str, Any]:
+    """The memory arguments for `vllm.LLM`: what the user gave, else a byte budget on CPU, else 0.9 of the GPU.
+
+    A `gpu_memory_utilization` in bytes becomes the share of the GPU it is; on the CPU build it sizes the KV cache
+    (`kv_cache_memory_bytes`, unless that is given too).
+
+    Args:
+        gpu_memory_utilization (`float` or `int`, *optional*): As given to `VLLMBackend` (a fraction, or bytes).
         kv_cache_memory_bytes (`int`, *optional*): As given to `VLLMBackend`.
 
     Returns:
         `dict[str, Any]`: `gpu_memory_utilization` and/or `kv_cache_memory_bytes` keyword arguments.
     """
     settings: dict[str, Any] = {}
-    if gpu_memory_utilization is not None:
-        settings["gpu_memory_utilization"] = gpu_memory_utilization
+    if gpu_memory_utilization is not None and is_memory_bytes(gpu_memory_utilization) and cpu_only():
+        if kv_cache_memory_bytes is None:
+            kv_cache_memory_bytes = int(gpu_memory_utilization)
+    elif gpu_memory_utilization is not None:
+        settings["gpu_memory_utilization"] = memory_fraction(gpu_memory_utilization, device_memory_bytes())
     if kv_cache_memory_bytes is not None:
         settings["kv_cache_memory_bytes"] = kv_cache_memory_bytes
     if settings:
         return settings
-    if is_cpu_build() and not torch.cuda.is_available():
+    if cpu_only():
         if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM's own CPU setting (GiB) wins when the user set it
             return {}
         return {"kv_cache_memory_bytes": default_cpu_kv_cache_bytes()}
@@ -417,16 +540,24 @@ __all__ = [
     "DEFAULT_GPU_MEMORY_UTILIZATION",
     "FOLDER",
     "FRACTION",
+    "MEMORY_SHARE",
     "NON_EMPTY_STR",
     "POSITIVE_SECONDS",
+    "SLEEP_LEVEL",
+    "SLEEP_MODE_ON_CPU",
     "WEIGHT_TRANSFER_NAME",
     "VLLMOptions",
     "backend_option_names",
     "check_engine_arguments",
+    "check_optional_bool",
     "check_server_urls",
+    "cpu_only",
     "cpu_scheduler_settings",
     "default_cpu_kv_cache_bytes",
+    "device_memory_bytes",
     "engine_memory_settings",
     "engine_option_names",
+    "is_memory_bytes",
+    "memory_fraction",
     "parse_server_urls",
 ]

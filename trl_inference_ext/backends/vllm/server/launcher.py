@@ -7,8 +7,10 @@ equal scoring), the weight-sync routes (`VLLM_SERVER_DEV_MODE=1`) with the worke
 over HTTP, LoRA adapters when `--lora-rank` is given, and on the CPU build a KV cache sized in bytes. Every route,
 the weight routes included, requires the API key (`server.auth.APIKeyMiddleware`; vLLM's own `--api-key` guards only
 `/v1`). Without `--api-key` (or `VLLM_API_KEY` in the environment) a random key is made and printed. The server
-listens on the loopback interface unless `--host` says otherwise. Once it is healthy, the URL and the
-`InferenceModule(...)` line that connects to it are printed; Ctrl-C stops it (the whole process group).
+listens on the loopback interface unless `--host` says otherwise. Once it is healthy, the URL, the dtype the engine
+serves the weights in (vLLM's `--dtype auto` serves a float32 checkpoint in bfloat16 on the CPU build and on GPUs with
+bfloat16) and the `InferenceModule(...)` line that connects to it are printed; Ctrl-C stops it (the whole process
+group).
 
 Arguments after `--` go to vLLM unchanged (e.g. `-- --max-num-seqs 64`).
 """
@@ -164,6 +166,49 @@ def _scheduler_arguments(config: ServeConfig) -> list[str]:
     return ["--no-enable-chunked-prefill"] if cpu_scheduler_settings({}) else []
 
 
+def served_dtype(config: ServeConfig, url: str, timeout: float = 60.0) -> str | None:
+    """The dtype the server's engine holds the weights in, as its worker extension reports it (`trl_describe`).
+
+    Read back from the engine rather than predicted, since vLLM resolves `--dtype auto` itself (a float32 checkpoint
+    is served in the platform's first supported dtype: `vllm/config/model.py`, `_resolve_auto_dtype`).
+
+    Args:
+        config (`ServeConfig`): What was started (its model and key).
+        url (`str`): Where this machine reaches the server.
+        timeout (`float`, *optional*, defaults to 60.0): Seconds to wait for the answer.
+
+    Returns:
+        `str`, *optional*: e.g. `"bfloat16"`, or `None` if the server did not say.
+    """
+    from ..client import VLLMServerClient
+    from ..weights.push import describe_server
+
+    client = VLLMServerClient(url, config.served_model_name or config.model, api_key=config.api_key, timeout=timeout)
+    try:
+        info = describe_server(client)
+    except (OperationError, ConnectionError, TimeoutError):
+        return None
+    dtype = (info or {}).get("dtype")
+    return str(dtype) if dtype else None
+
+
+def dtype_line(config: ServeConfig, served: str | None) -> str:
+    """The line that says in which dtype the weights are served (and, for `--dtype auto`, how to keep float32).
+
+    Args:
+        config (`ServeConfig`): What was started.
+        served (`str`, *optional*): The dtype the engine reports (`served_dtype`).
+    """
+    if served is None:
+        return f"Weights served in a dtype the server did not report (--dtype {config.dtype})."
+    if config.dtype == "auto" and served != "float32":
+        return (
+            f"Weights served in {served} (--dtype auto: vLLM's choice for this checkpoint on this platform; "
+            "--dtype float32 serves them in float32)."
+        )
+    return f"Weights served in {served} (--dtype {config.dtype})."
+
+
 def connect_line(config: ServeConfig, key_shown: bool) -> str:
     """The Python line that connects an `InferenceModule` to the server."""
     key = repr(config.api_key) if key_shown else f'os.environ["{API_KEY_ENV}"]'
@@ -203,13 +248,14 @@ class ServerProcess:
             code = self.process.poll()
             if code is not None:
                 raise OperationError(f"The vLLM server exited with status {code} before it was ready.")
-            if is_healthy(self._probe_url(), timeout=2.0):
+            if is_healthy(self.probe_url, timeout=2.0):
                 return
             if time.monotonic() > deadline:
                 raise ServerTimeoutError(f"The vLLM server at {self.config.url} was not healthy after {timeout:.0f} s.")
             time.sleep(0.5)
 
-    def _probe_url(self) -> str:
+    @property
+    def probe_url(self) -> str:
         """Where this machine reaches the server (loopback when it listens on every interface)."""
         if self.config.host in ("0.0.0.0", "::", ""):
             return f"http://127.0.0.1:{self.config.port}"
@@ -415,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.wait_healthy(args.startup_timeout)
         print(f"vLLM server ready at {config.url} (pid {server.process.pid}, model {config.model}", end="")
         print(f", LoRA rank <= {config.lora_rank})" if config.lora_rank else ")")
+        print(dtype_line(config, served_dtype(config, server.probe_url)))
         if generated:
             print(f"API key (generated): {config.api_key}")
         print("Connect with:")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -48,6 +49,34 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     one = torch.ones((), dtype=logits.dtype, device=logits.device)
     penalties = torch.where(seen, value, one)
     return logits * torch.where(logits > 0, 1.0 / penalties, penalties)
+
+
+class ProcessingSettings(Protocol):
+    """The sampling settings that shape a distribution: `ScoringConfig`, `SamplingConfig` and the scorers here."""
+
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def min_p(self) -> float: ...
+    @property
+    def repetition_penalty(self) -> float: ...
+
+
+def process_with(logits: torch.Tensor, settings: ProcessingSettings, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """`process_logits` with every setting taken from `settings` (one place that lists them)."""
+    return process_logits(
+        logits,
+        settings.temperature,
+        settings.top_k,
+        settings.top_p,
+        min_p=settings.min_p,
+        repetition_penalty=settings.repetition_penalty,
+        seen=seen,
+    )
 
 
 def process_logits(
@@ -192,15 +221,7 @@ class _Processing:
         if self.repetition_penalty != 1.0:
             assert self.history is not None
             seen = self.history.seen(start, start + index.shape[0])
-        processed = process_logits(
-            logits,
-            self.temperature,
-            self.top_k,
-            self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            seen=seen,
-        )
+        processed = process_with(logits, self, seen)
         picked = processed.gather(-1, index.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(processed, dim=-1)
 

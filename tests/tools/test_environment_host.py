@@ -110,3 +110,16 @@ def test_observation_is_appended_as_trl_appends_it():
     assert chat[-1]["content"] == "go"  # rebuilt, not mutated
     assert observation_prompt("go", " now") == "go now"
     assert observation_prompt(chat, "") is chat
+
+
+def test_the_calculator_environment_describes_its_tool_as_the_calculator_function_and_scores_its_state():
+    from trl_inference_ext.tasks.arithmetic import CalculatorEnvironment, calculator
+    from trl_inference_ext.tools.schema import normalize_tool
+
+    (spec,) = environment_specs(CalculatorEnvironment).values()
+    assert spec.tools == ("calculator",) and spec.has_reward
+    assert spec.schemas[0]["function"] == normalize_tool(calculator)["function"]  # the prompt shows the same tool
+    env = CalculatorEnvironment()
+    env.reset(answer=42, prompt="ignored")
+    assert env.get_reward() == 0.0
+    assert env.calculator("6 * 7") == "42" and env.get_reward() == 1.0

@@ -294,7 +294,7 @@ def run_tool_loop(
     run = _run_by_trajectory if tool_loop.scheduling == "trajectory" else _run_by_turn
     try:
         with inference.multi_turn() if tool_loop.reuse_kv else contextlib.nullcontext():
-            run(inference, parser, rollouts, executors, chat, tool_loop, sampling)
+            run(_Loop(inference, parser, rollouts, executors, chat, tool_loop, sampling))
     finally:
         if owned is not None:
             owned.close()
@@ -303,73 +303,78 @@ def run_tool_loop(
     return rollouts
 
 
-def _run_by_turn(
-    inference: InferenceModule,
-    parser: ToolParser,
-    rollouts: list[ToolRollout],
-    executors: list[CallRunner],
-    chat: list[bool],
-    tool_loop: ToolLoopConfig,
-    sampling: dict[str, Any],
-) -> None:
+@dataclass
+class _Loop:
+    """What both schedules work on: the rollouts, their executors and the loop's settings."""
+
+    inference: InferenceModule
+    parser: ToolParser
+    rollouts: list[ToolRollout]
+    executors: list[CallRunner]
+    chat: list[bool]
+    tool_loop: ToolLoopConfig
+    sampling: dict[str, Any]
+
+    def sample(self, indices: list[int], share_prompts: bool) -> list[_ModelTurn]:
+        """The next model turn of the rollouts at `indices`, sampled in one batch."""
+        return _sample_turn(
+            self.inference, self.parser, [self.rollouts[i] for i in indices], share_prompts, self.sampling
+        )
+
+    def end_turn(self, i: int, turn: _ModelTurn, last_turn: bool) -> None:
+        """Records rollout `i`'s turn and finishes it or shows it its tool results."""
+        _end_turn(self.rollouts[i], turn, self.inference, self.chat[i], self.tool_loop.stop_tools, last_turn)
+
+
+def _run_by_turn(loop: _Loop) -> None:
     """Turn by turn: sample every running rollout, run all their calls together, show the results, repeat."""
-    for turn in range(tool_loop.max_tool_turns + 1):
-        active = [i for i, rollout in enumerate(rollouts) if not rollout.finished]
+    for turn in range(loop.tool_loop.max_tool_turns + 1):
+        active = [i for i, rollout in enumerate(loop.rollouts) if not rollout.finished]
         if not active:
             break
         # First turn: identical consecutive prompts (GRPO's repeats) share one prefill and KV cache.
-        model_turns = _sample_turn(inference, parser, [rollouts[i] for i in active], turn == 0, sampling)
-        _execute_together([executors[i] for i in active], model_turns)
-        last_turn = turn == tool_loop.max_tool_turns
+        model_turns = loop.sample(active, turn == 0)
+        _execute_together([loop.executors[i] for i in active], model_turns)
         for i, model_turn in zip(active, model_turns):
-            _end_turn(rollouts[i], model_turn, inference, chat[i], tool_loop.stop_tools, last_turn)
+            loop.end_turn(i, model_turn, turn == loop.tool_loop.max_tool_turns)
 
 
-def _run_by_trajectory(
-    inference: InferenceModule,
-    parser: ToolParser,
-    rollouts: list[ToolRollout],
-    executors: list[CallRunner],
-    chat: list[bool],
-    tool_loop: ToolLoopConfig,
-    sampling: dict[str, Any],
-) -> None:
+def _run_by_trajectory(loop: _Loop) -> None:
     """Each rollout at its own pace: the rollouts ready now (no call of theirs running) are sampled together; their
     calls start at once, in background threads, and each rollout is ready again as soon as its own calls are back.
 
     Calls sampled in one batch that share an executor run together (one `run`, one deadline); a shared executor
-    takes one batch's calls at a time (`_Serialised`), an environment instance only its own rollout's. Generation
-    stays in this thread.
+    takes one batch's calls at a time (a lock per executor), an environment instance only its own rollout's.
+    Generation stays in this thread. A rollout that waits on its tools misses the next `generate` call, so on the
+    Hugging Face backend its KV cache is not kept for it (`InferenceModule.multi_turn`): its next turn prefills its
+    context again.
     """
-    turns = [0] * len(rollouts)
-    ready = [i for i, rollout in enumerate(rollouts) if not rollout.finished]
+    turns = [0] * len(loop.rollouts)
+    ready = [i for i, rollout in enumerate(loop.rollouts) if not rollout.finished]
     first = True
     running: dict[Future[None], list[tuple[int, _ModelTurn]]] = {}
     locks: dict[int, threading.Lock] = {}
-    with ThreadPoolExecutor(max_workers=max(1, len(rollouts)), thread_name_prefix="tool-turn") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, len(loop.rollouts)), thread_name_prefix="tool-turn") as pool:
         while ready or running:  # every pass samples at least one rollout or collects at least one result
             if ready:
-                model_turns = _sample_turn(inference, parser, [rollouts[i] for i in ready], first, sampling)
-                first = False
                 groups: dict[int, list[tuple[int, _ModelTurn]]] = {}
-                for i, model_turn in zip(ready, model_turns):
+                for i, model_turn in zip(ready, loop.sample(ready, first)):
                     if model_turn.calls:
-                        groups.setdefault(id(executors[i]), []).append((i, model_turn))
+                        groups.setdefault(id(loop.executors[i]), []).append((i, model_turn))
                     else:  # nothing to run: it ends now
-                        _end_turn(rollouts[i], model_turn, inference, chat[i], tool_loop.stop_tools, True)
+                        loop.end_turn(i, model_turn, True)
                 for members in groups.values():
-                    executor = executors[members[0][0]]
+                    executor = loop.executors[members[0][0]]
                     lock = locks.setdefault(id(executor), threading.Lock())
                     running[pool.submit(_run_calls, executor, lock, [t for _, t in members])] = members
-                ready = []
+                ready, first = [], False
             done, _ = wait(running, return_when=FIRST_COMPLETED) if running else (set(), set())
             for future in done:
                 future.result()  # a failure of the loop itself (not of a tool) propagates
                 for i, model_turn in running.pop(future):
-                    last_turn = turns[i] == tool_loop.max_tool_turns
-                    _end_turn(rollouts[i], model_turn, inference, chat[i], tool_loop.stop_tools, last_turn)
+                    loop.end_turn(i, model_turn, turns[i] == loop.tool_loop.max_tool_turns)
                     turns[i] += 1
-                    if not rollouts[i].finished:
+                    if not loop.rollouts[i].finished:
                         ready.append(i)
 
 

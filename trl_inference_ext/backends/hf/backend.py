@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...errors import InvalidValueError, UnsupportedError
-from ...scoring import DEFAULT_CHUNK_BYTES, TokenHistory, logprobs_from_hidden, process_logits, selective_logprobs
+from ...scoring import DEFAULT_CHUNK_BYTES, TokenHistory, logprobs_from_hidden, process_with, selective_logprobs
 from ...types import SamplingConfig
 from .. import adapters
 from ..base import ScoringConfig, SequenceOutput
@@ -457,13 +457,5 @@ class HuggingFaceBackend:
         logits = self.model(input_ids=input_ids, attention_mask=attention).logits
         picked = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         history = self._history(prompt_ids, response_ids, scoring, targets.shape, picked.shape[-1])
-        processed = process_logits(
-            picked,
-            scoring.temperature,
-            scoring.top_k,
-            scoring.top_p,
-            min_p=scoring.min_p,
-            repetition_penalty=scoring.repetition_penalty,
-            seen=None if history is None else history.seen_all(),
-        )
+        processed = process_with(picked, scoring, None if history is None else history.seen_all())
         return processed.masked_fill(~target_mask.unsqueeze(-1), 0.0)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from ...scoring import process_logits
+from ...scoring import process_logits, process_with
 from ...types import SamplingConfig
 from ..adapters import base_model
 from ..base import SequenceOutput
@@ -410,15 +410,7 @@ def _choose_tokens(
         processed = process_logits(logits, repetition_penalty=sampling.repetition_penalty, seen=seen)
         next_tokens = processed.argmax(dim=-1)
     else:
-        processed = process_logits(
-            logits,
-            sampling.temperature,
-            sampling.top_k,
-            sampling.top_p,
-            min_p=sampling.min_p,
-            repetition_penalty=sampling.repetition_penalty,
-            seen=seen,
-        )
+        processed = process_with(logits, sampling, seen)
         next_tokens = sample_from_logits(processed, generator)
     step_lp = None
     if sampling.return_logprobs:

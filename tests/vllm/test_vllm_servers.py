@@ -897,6 +897,35 @@ def test_pool_keeps_groups_together_and_fails_over_in_order(tiny_model_dir):
         dying.close()
 
 
+def test_a_rollouts_later_turns_go_to_the_server_of_its_earlier_ones(tiny_model_dir):
+    """Sticky routing: a prompt that extends one a server answered goes to that server (its prefix cache), whatever
+    the load; when that server fails, the other takes over."""
+    a, b = _CompletionsServer(), _CompletionsServer(fail_after=16)
+    try:
+        backend = VLLMBackend(tiny_model_dir, base_url=[a.url, b.url], max_retries=0)
+        assert backend.servers is not None
+        first = [[10 + i, 20 + i, 30 + i] for i in range(8)]
+        outputs = backend.generate(first, GREEDY)
+        served = {p: ("a" if p in a.prompts else "b") for p in map(tuple, first)}
+        assert set(served.values()) == {"a", "b"}  # least loaded first: both servers took some
+        for turn in range(2):  # each rollout's context grows by its answer and a tool result
+            prompts = [list(p) + list(o.token_ids) + [99] for p, o in zip(first, outputs)]
+            a.prompts.clear(), b.prompts.clear()
+            outputs = backend.generate(prompts, GREEDY)
+            for p, original in zip(prompts, map(tuple, first)):
+                assert tuple(p) in (a.prompts if served[original] == "a" else b.prompts), (turn, original)
+            first = prompts
+            served = {tuple(p): served[o] for p, o in zip(prompts, served)}
+        b.fail_after = 0  # b "dies": its rollouts go on on a
+        prompts = [[*p, 98] for p in first]
+        a.prompts.clear()
+        backend.generate(prompts, GREEDY)
+        assert sorted(a.prompts) == sorted(map(tuple, prompts)) and b.url in backend.servers.dropped
+    finally:
+        a.close()
+        b.close()
+
+
 def test_adapters_vllm_cannot_apply_fall_back_to_merged_weights(tiny_model_dir):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM

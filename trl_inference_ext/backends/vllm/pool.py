@@ -28,6 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from ...errors import InvalidValueError, NoServerLeftError, VLLMServerUnusableError, WeightPushError
+from .affinity import PrefixAffinity
 from .client import CompletionRequests, VLLMServerClient
 from .server.worker import WORKER_EXTENSION
 from .weights.checks import DEFAULT_PACKED_MODULES, NamedTensors
@@ -72,6 +73,8 @@ class ServerPool(CompletionRequests):
         """The version every server in service holds (set by each push)."""
         self._lock = threading.Lock()
         self._last_probe = 0.0
+        self.affinity = PrefixAffinity()
+        """Which server answered which prompt: a rollout's later turns go where its earlier ones went."""
 
     # ------------------------------------------------------------------------------------------- members
     @property
@@ -215,9 +218,11 @@ class ServerPool(CompletionRequests):
             while pending or in_flight:
                 while pending:
                     group = pending[0]
-                    open_ = [c for c in self.live if _fits(c, len(group), per_server[c.base_url])]
+                    sticky = self._sticky_client(payloads[group[0]])
+                    candidates = [sticky] if sticky is not None else self.live
+                    open_ = [c for c in candidates if _fits(c, len(group), per_server[c.base_url])]
                     if not open_:
-                        break
+                        break  # its own server is busy (or every server is): wait for a group to finish
                     client = min(open_, key=lambda c: (outstanding[c.base_url], per_server[c.base_url]))
                     pending.popleft()
                     work = sum(_work(payloads[i]) for i in group)
@@ -239,6 +244,7 @@ class ServerPool(CompletionRequests):
                     if exc is None:
                         for index, answer in zip(group, future.result()):
                             answers[index] = answer
+                        self.affinity.remember(_prompt_ids(payloads[group[0]]), client.base_url)
                     elif isinstance(exc, (ConnectionError, TimeoutError, VLLMServerUnusableError)):
                         self.drop(client, f"{type(exc).__name__}: {exc}")
                         last_error = exc
@@ -281,6 +287,11 @@ class ServerPool(CompletionRequests):
             max_lora_rank=int(rank) if isinstance(rank, int) else None,
         )
 
+    def _sticky_client(self, payload: dict[str, Any]) -> VLLMServerClient | None:
+        """The live server that answered an earlier turn of this request's rollout, if any."""
+        url = self.affinity.server_for(_prompt_ids(payload))
+        return next((c for c in self.live if c.base_url == url), None)
+
     def push_weights(self, weights: NamedTensors, version: str, target: WeightTarget) -> PushReport:
         """Pushes checked weights to every server in service or healthy again (see `weights.push.push_weights`).
 
@@ -320,6 +331,7 @@ class ServerPool(CompletionRequests):
             lines = "\n".join(f"- {url}: {why}" for url, why in report.failures.items())
             raise WeightPushError(f"The {what} push reached no vLLM server:\n{lines}")
         self.weight_version = version
+        self.affinity.clear()  # the servers dropped their prefix caches
         # A server that missed this push holds older weights than the others: it stays out until the next push.
         for client in self.clients:
             if client.base_url not in report.servers and client.base_url not in self.dropped:
@@ -367,6 +379,12 @@ def _fits(client: VLLMServerClient, size: int, busy: int) -> bool:
     server's slots starts only on an idle server, and is sent `max_concurrent_requests` requests at a time.
     """
     return busy == 0 or busy + min(size, client.max_concurrent_requests) <= client.max_concurrent_requests
+
+
+def _prompt_ids(payload: dict[str, Any]) -> list[int]:
+    """A request body's prompt token ids (empty for a text prompt, which is not routed by prefix)."""
+    prompt = payload.get("prompt") or []
+    return list(prompt) if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) else []
 
 
 def _work(payload: dict[str, Any]) -> int:

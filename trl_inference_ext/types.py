@@ -211,6 +211,16 @@ class SamplingConfig:
         """The repetition penalty the reported log-probs are computed with (greedy decoding applies it too)."""
         return float(self.repetition_penalty)
 
+    def scoring_settings(self) -> dict[str, Any]:
+        """The `get_logprobs` arguments that reproduce this config's reported log-probs (its effective settings)."""
+        return {
+            "temperature": self.effective_temperature,
+            "top_k": self.effective_top_k,
+            "top_p": self.effective_top_p,
+            "min_p": self.effective_min_p,
+            "repetition_penalty": self.effective_repetition_penalty,
+        }
+
     @property
     def cacheable(self) -> bool:
         """Whether a result may be served from cache: greedy or seeded requests only."""

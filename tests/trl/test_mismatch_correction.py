@@ -201,3 +201,11 @@ def test_a_zero_env_mask_removes_tokens_from_trls_loss(tiny_model_dir, tmp_path)
         norms[keep] = next(e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e)
     assert norms[0] == 0.0
     assert norms[1] > 1e-3  # distinct completions with alternating rewards (see test_trl_grpo's UPDATE_GRAD_NORM)
+
+
+def test_greedy_rollouts_are_scored_as_their_log_probs_were_reported():
+    """Greedy decoding reports log-probs at temperature 1 without truncation: the trainer scores them the same way."""
+    greedy = scoring_settings({"temperature": 0.0, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2})
+    assert greedy == {"temperature": 1.0, "top_k": -1, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.2}
+    sampled = scoring_settings({"temperature": 0.7, "top_p": 0.9, "top_k": 5, "max_new_tokens": 8})
+    assert sampled == {"temperature": 0.7, "top_k": 5, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.0}

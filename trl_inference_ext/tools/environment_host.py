@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import multiprocessing
 import multiprocessing.connection
 import pickle
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..errors import InvalidValueError, OperationError
 from ..types import ToolCall
 from .environments import EnvironmentSpec
 from .execution import ToolExecutor, ToolResult, invalid_call_result, tool_result
-from .isolation import STARTUP_TIMEOUT, Worker, describe_exit, kill, start_worker
-from .worker import ENVIRONMENT, TRUNCATION_MARK, Outcome, outcome
+from .isolation import STARTUP_TIMEOUT, Worker, describe_exit, kill, receive, reply_limit, reply_outcome, start_worker
+from .worker import ENVIRONMENT, EnvironmentMethods, Outcome, outcome
 
 ENVIRONMENT_ISOLATIONS = ("process", "thread")
 CLOSE_TIMEOUT = 5.0
@@ -59,14 +57,15 @@ class InProcessEnvironment:
         self.spec = spec
         self.max_output_chars = max_output_chars
         self.instance = spec.factory()
+        self.methods = EnvironmentMethods(self.instance, spec.methods)  # the table a worker process serves
         self.alive = True
 
     def call(self, name: str, arguments: dict[str, Any], timeout: float) -> Outcome:
         if not self.alive:
             return "crashed", "the environment instance was lost earlier in this rollout"
-        method = getattr(self.instance, name)
-        if name == "reset":
-            method = _observation(method)
+        method = self.methods.get(name)
+        if method is None:
+            return "exception", f"no method {name!r}"
         box: list[Outcome] = []
         thread = threading.Thread(
             target=lambda: box.append(outcome(method, arguments, timeout, self.max_output_chars)),
@@ -86,21 +85,13 @@ class InProcessEnvironment:
         self.alive = False
 
 
-def _observation(reset: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapped(**row: Any) -> Any:
-        value = reset(**row)
-        return "" if value is None else value
-
-    return wrapped
-
-
 class EnvironmentProcess:
     """An instance in its own spawned worker process, built there by the factory (which travels by pickle)."""
 
     def __init__(self, spec: EnvironmentSpec, context: Any, memory_limit: int | None, max_output_chars: int) -> None:
         self.spec = spec
         self.max_output_chars = max_output_chars
-        self._max_reply_bytes = 6 * max_output_chars + 1024  # JSON escapes a control character as 6 bytes
+        self._max_reply_bytes = reply_limit(max_output_chars)
         payload = pickle.dumps((ENVIRONMENT, spec.factory, spec.methods))
         self.worker: Worker = start_worker(context, payload, memory_limit, max_output_chars)
         self.alive = True
@@ -113,11 +104,7 @@ class EnvironmentProcess:
             return "timeout"
         if self.worker.conn not in fired:
             return "crashed"
-        try:
-            message = json.loads(self.worker.conn.recv_bytes(self._max_reply_bytes))
-        except (EOFError, OSError, ValueError):
-            return "crashed"
-        return message if isinstance(message, dict) else "crashed"
+        return receive(self.worker.conn, self._max_reply_bytes) or "crashed"
 
     def _ensure_ready(self) -> Outcome | None:
         if self.worker.ready:
@@ -147,11 +134,9 @@ class EnvironmentProcess:
         if not isinstance(message, dict):
             self._lose()
             return ("timeout", "") if message == "timeout" else ("crashed", describe_exit(self.worker.process))
-        kind = message.get("kind")
-        content = str(message.get("content", ""))[: self.max_output_chars + len(TRUNCATION_MARK)]
-        if kind == "memory":
+        if message.get("kind") == "memory":
             self._lose()  # the heap may be in a poor state: the instance is not reused
-        return (kind if kind in ("timeout", "memory", "exception") else None), content
+        return reply_outcome(message, self.max_output_chars)
 
     def _lose(self) -> None:
         self.alive = False

@@ -10,7 +10,6 @@ prompt as TRL appends it), run the tool loop with that instance's methods as the
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from ..errors import InvalidValueError
 from .environment_host import EnvironmentExecutor, EnvironmentHost, EnvironmentPool
 from .environments import ENVIRONMENT_COLUMN, EnvironmentSpec, observation_prompt
 from .execution import ToolExecutor
-from .loop import RolloutTools, repeat_group_size
+from .loop import RolloutTools
 from .schema import normalize_tools
 
 logger = logging.getLogger(__name__)
@@ -169,11 +168,6 @@ class EnvironmentRollouts:
 def _plain(prompt: Any) -> Any:
     """The prompt as a plain `str` or `list` (a tagged prompt carries its row, which the model must not see)."""
     return str(prompt) if isinstance(prompt, str) else list(prompt)
-
-
-def group_size_of(prompts: list[Any]) -> int:
-    """The GRPO group size: the length of the runs of identical consecutive prompts (1 when they differ)."""
-    return repeat_group_size([json.dumps(p, sort_keys=True, default=str) for p in prompts])
 
 
 def generate_in_environments(

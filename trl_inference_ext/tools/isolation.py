@@ -105,6 +105,28 @@ def start_worker(context: Any, payload: bytes, memory_limit: int | None, max_out
     return Worker(process, parent_conn)
 
 
+def reply_limit(max_output_chars: int) -> int:
+    """Most bytes a worker's JSON reply may take: `max_output_chars` characters, each escaped as at most 6 bytes."""
+    return 6 * max_output_chars + 1024
+
+
+def receive(conn: multiprocessing.connection.Connection, limit: int) -> dict[str, Any] | None:
+    """A worker's next JSON message (at most `limit` bytes), or `None` when it died or broke the protocol."""
+    try:
+        message = json.loads(conn.recv_bytes(limit))
+    except (EOFError, OSError, ValueError):
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def reply_outcome(message: dict[str, Any], max_output_chars: int) -> Outcome:
+    """The `Outcome` of a worker's reply to a call: its error kind (only the kinds a worker reports) and its text,
+    held to `max_output_chars` (plus the truncation mark)."""
+    kind = message.get("kind")
+    content = str(message.get("content", ""))[: max_output_chars + len(_worker_module.TRUNCATION_MARK)]
+    return (kind if kind in ("timeout", "memory", "exception") else None), content
+
+
 def describe_exit(process: Any) -> str:
     process.join(_JOIN_TIMEOUT)
     code = process.exitcode
@@ -167,7 +189,7 @@ class ToolProcessPool:
         self.max_workers = max_workers
         self.memory_limit = memory_limit
         self.max_output_chars = max_output_chars
-        self._max_reply_bytes = 6 * max_output_chars + 1024  # JSON escapes a control character as 6 bytes
+        self._max_reply_bytes = reply_limit(max_output_chars)
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[Worker] = []
         # Workers are killed when the pool is closed, collected, or at interpreter exit. This exit handler is
@@ -191,11 +213,7 @@ class ToolProcessPool:
 
     def _receive(self, w: Worker) -> dict[str, Any] | None:
         """The worker's next message, or `None` when it died or broke the protocol."""
-        try:
-            message = json.loads(w.conn.recv_bytes(self._max_reply_bytes))
-        except (EOFError, OSError, ValueError):
-            return None
-        return message if isinstance(message, dict) else None
+        return receive(w.conn, self._max_reply_bytes)
 
     def _on_ready_message(self, w: Worker) -> None:
         message = self._receive(w)
@@ -294,11 +312,9 @@ class ToolProcessPool:
             outcomes[w.job] = ("crashed", describe_exit(w.process))
             self._retire([w])
             return
-        kind = message.get("kind")
-        content = str(message.get("content", ""))[: self.max_output_chars + len(_worker_module.TRUNCATION_MARK)]
-        outcomes[w.job] = (kind if kind in ("timeout", "memory", "exception") else None, content)
+        outcomes[w.job] = reply_outcome(message, self.max_output_chars)
         w.job = None
-        if kind == "memory":  # the call may have left the worker's heap in a poor state: start afresh
+        if message.get("kind") == "memory":  # the call may have left the worker's heap in a poor state: start afresh
             self._retire([w])
 
     def close(self) -> None:

@@ -366,7 +366,7 @@ def _run_by_trajectory(loop: _Loop) -> None:
                 for members in groups.values():
                     executor = loop.executors[members[0][0]]
                     lock = locks.setdefault(id(executor), threading.Lock())
-                    running[pool.submit(_run_calls, executor, lock, [t for _, t in members])] = members
+                    running[pool.submit(_run_calls, executor, [t for _, t in members], lock)] = members
                 ready, first = [], False
             done, _ = wait(running, return_when=FIRST_COMPLETED) if running else (set(), set())
             for future in done:
@@ -378,9 +378,12 @@ def _run_by_trajectory(loop: _Loop) -> None:
                         ready.append(i)
 
 
-def _run_calls(executor: CallRunner, lock: threading.Lock, turns: list[_ModelTurn]) -> None:
-    """Runs the calls of `turns` on `executor` (one `run` at a time per executor) and stores each turn's results."""
-    with lock:
+def _run_calls(
+    executor: CallRunner, turns: list[_ModelTurn], lock: contextlib.AbstractContextManager[Any] | None = None
+) -> None:
+    """Runs the calls of `turns` on `executor` in one `run` (under `lock`: one `run` at a time per executor, when
+    several threads share it) and stores each turn's results."""
+    with lock if lock is not None else contextlib.nullcontext():
         results = iter(executor.run([call for turn in turns for call in turn.calls]))
     for turn in turns:
         turn.results = [next(results) for _ in turn.calls]
@@ -465,21 +468,15 @@ def _execute_together(executors: list[CallRunner], turns: list[_ModelTurn]) -> N
     Turns that share an executor send it their calls together; different executors (one environment instance per
     rollout) run in parallel threads, each within its own deadline.
     """
-    groups: dict[int, list[int]] = {}
-    for i, executor in enumerate(executors):
-        if turns[i].calls:
-            groups.setdefault(id(executor), []).append(i)
-
-    def run(members: list[int]) -> None:
-        results = iter(executors[members[0]].run([call for i in members for call in turns[i].calls]))
-        for i in members:
-            turns[i].results = [next(results) for _ in turns[i].calls]
-
+    groups: dict[int, tuple[CallRunner, list[_ModelTurn]]] = {}
+    for executor, turn in zip(executors, turns):
+        if turn.calls:
+            groups.setdefault(id(executor), (executor, []))[1].append(turn)
     if len(groups) <= 1:
-        for members in groups.values():
-            run(members)
+        for executor, members in groups.values():
+            _run_calls(executor, members)
         return
-    threads = [threading.Thread(target=run, args=(members,), daemon=True) for members in groups.values()]
+    threads = [threading.Thread(target=_run_calls, args=group, daemon=True) for group in groups.values()]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -50,6 +50,7 @@ import torch
 
 from ..config_checks import Check, check_bool, check_fields, is_real, one_of
 from ..errors import InvalidValueError, UnsupportedError
+from ..types import SamplingConfig
 
 IMPORTANCE_SAMPLING_MODES = ("sequence_mask", "token_mask", "sequence_truncate", "token_truncate")
 """The values of TRL's `vllm_importance_sampling_mode`."""
@@ -234,18 +235,10 @@ def padded(rows: Sequence[Sequence[float]], width: int, fill: float = 0.0) -> to
     return out
 
 
-_SCORED_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-
-
 def scoring_settings(sampling: dict[str, Any]) -> dict[str, Any]:
-    """The `get_logprobs` arguments that score tokens under the distribution `generate(**sampling)` sampled from.
-
-    Greedy decoding (`temperature=0` or `do_sample=False`) reports log-probabilities at temperature 1.
-    """
-    settings = {name: sampling[name] for name in _SCORED_SETTINGS if name in sampling}
-    if not sampling.get("do_sample", True) or settings.get("temperature", 1.0) == 0:
-        settings["temperature"] = 1.0
-    return settings
+    """The `get_logprobs` arguments that score tokens under the distribution `generate(**sampling)` sampled from
+    (`SamplingConfig.scoring_settings`: greedy decoding reports log-probabilities at temperature 1, untruncated)."""
+    return SamplingConfig.from_kwargs(**sampling).scoring_settings()
 
 
 class SamplingMetrics:

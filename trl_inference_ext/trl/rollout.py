@@ -24,7 +24,7 @@ from ..errors import (
 )
 from ..module import InferenceModule
 from ..tools.config import ToolLoopConfig, takes_tool_loop
-from ..tools.environment_loop import EnvironmentRollouts, group_size_of
+from ..tools.environment_loop import EnvironmentRollouts
 from ..tools.execution import MAX_OUTPUT_CHARS, ToolExecutor
 from ..tools.loop import ToolRollout, repeat_group_size, run_tool_loop
 from .colocate import awake_for_rollout, follow_trainer_memory, needs_weight_reload
@@ -139,7 +139,7 @@ class RolloutFunction:
             trainer.model_wrapped
         )
 
-    def _sync_weights(self, trainer: Any) -> None:
+    def _sync_weights(self, trainer: Any, own_model: bool) -> None:
         """Pushes the trainer's weights at a new step (every `weight_sync_interval` steps).
 
         A push that fails leaves the engine on older weights: the rollouts then carry that older step, and are
@@ -152,7 +152,7 @@ class RolloutFunction:
         if step == self._synced_step and not reload:
             return
         self._synced_step = step
-        if self._runs_trainer_model(trainer):
+        if own_model:  # `inference` runs the trainer's model object: nothing to push
             self._weights_step = step
             return
         backend = self.inference.backend
@@ -231,18 +231,19 @@ class RolloutFunction:
         correction = MismatchCorrection.from_trl_args(trainer.args)
         correction.check_applicable()  # before any generation
         follow_trainer_memory(self.inference, trainer.args)  # an engine sharing the trainer's GPU leaves it room
+        own_model = self._runs_trainer_model(trainer)
         with awake_for_rollout(self.inference):  # a sleep-mode engine sleeps again before the trainer's passes
-            self._sync_weights(trainer)
+            self._sync_weights(trainer, own_model)
             use_trainer_chat_template(self.inference, trainer.processing_class)
             self.inference.chat_template_kwargs = _chat_template_kwargs(trainer)  # prompt tokens as TRL renders them
-            if not self._runs_trainer_model(trainer):
+            if not own_model:
                 note = engine_dtype_note(self.inference, trainer.accelerator.unwrap_model(trainer.model_wrapped))
                 if note:
                     self._warn_once("dtype", f"rollout_func: {note}")
             output = self._rollouts(self.inference, prompts, sampling, trainer)
         assert self._weights_step is not None
         output["weight_version"] = [self._weights_step] * len(prompts)
-        if not self._runs_trainer_model(trainer):
+        if not own_model:
             self._correct(trainer, output, sampling, correction)
         return output
 
@@ -375,7 +376,7 @@ def _group_size(prompts: list[Any], trainer: Any) -> int:
     size = getattr(args, "num_generations", None) if training else getattr(args, "num_generations_eval", None)
     if isinstance(size, int) and size > 0 and len(prompts) % size == 0:
         return size
-    return group_size_of(prompts)
+    return repeat_group_size(prompts)
 
 
 def use_trainer_chat_template(inference: InferenceModule, processing_class: Any) -> None:
